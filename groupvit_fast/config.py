@@ -1,0 +1,93 @@
+"""Model configuration as dataclasses whose defaults are the released GCC+YFCC model
+(``group_vit_gcc_yfcc_30e``); ``ModelConfig(multi_label=0)`` is the RedCaps release."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+
+@dataclass
+class ImageEncoderConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 0
+    embed_dim: int = 384
+    embed_factors: List[float] = field(default_factory=lambda: [1, 1, 1])
+    depths: List[int] = field(default_factory=lambda: [6, 3, 3])
+    num_heads: List[int] = field(default_factory=lambda: [6, 6, 6])
+    num_group_tokens: List[int] = field(default_factory=lambda: [64, 8, 0])
+    num_output_groups: List[int] = field(default_factory=lambda: [64, 8])
+    hard_assignment: bool = True
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: Optional[float] = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    patch_norm: bool = True
+    use_checkpoint: bool = False
+    pos_embed_type: str = "simple"
+    freeze_patch_embed: bool = False
+    gumbel_tau: float = 1.0
+
+
+@dataclass
+class TextEncoderConfig:
+    context_length: int = 77
+    width: int = 256
+    layers: int = 12
+    vocab_size: int = 49408
+    use_checkpoint: bool = False
+
+
+@dataclass
+class ModelConfig:
+    img: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    output_dim: int = 256
+    contrast_temperature: float = 0.07
+    proj_num_layers: int = 2
+    multi_label: int = 3
+    share_temperature: bool = False
+    multi_label_loss_weight: float = 1.0
+
+    def to_official(self) -> dict:
+        """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
+        return dict(img_encoder=dict(type="GroupViT", **dataclasses.asdict(self.img)),
+                    text_encoder=dict(type="TextTransformer", **dataclasses.asdict(self.text)),
+                    output_dim=self.output_dim, contrast_temperature=self.contrast_temperature,
+                    proj_num_layers=self.proj_num_layers, multi_label=self.multi_label,
+                    share_temperature=self.share_temperature,
+                    multi_label_loss_weight=self.multi_label_loss_weight)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        img = d.pop("img", None) or d.pop("img_encoder", None) or {}
+        text = d.pop("text", None) or d.pop("text_encoder", None) or {}
+        img = {k: v for k, v in dict(img).items() if k != "type"}
+        text = {k: v for k, v in dict(text).items() if k != "type"}
+        _check_fields(ImageEncoderConfig, img, "img")
+        _check_fields(TextEncoderConfig, text, "text")
+        _check_fields(cls, d, "model")
+        return cls(img=ImageEncoderConfig(**img), text=TextEncoderConfig(**text), **d)
+
+
+def _check_fields(klass, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} config field(s) {unknown}; valid: {sorted(names)}")
+
+
+def build_model(cfg: Union[ModelConfig, dict, None] = None):
+    """Build ``MultiLabelContrastive`` from a ``ModelConfig`` (default: the released YFCC model)
+    or a dict (either our field names or the official ``img_encoder``/``text_encoder`` form)."""
+    from .models import MultiLabelContrastive
+    if cfg is None:
+        cfg = ModelConfig()
+    elif isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    return MultiLabelContrastive(**cfg.to_official())

@@ -1,0 +1,169 @@
+"""The full GroupViT model: image and text encoders, projection heads, learnable temperatures
+and the image-text + multi-label contrastive losses (official ``MultiLabelContrastive``)."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .group_vit import GroupViT
+from .layers import Result
+from .losses import image_text_loss, multi_label_loss
+from .transformer import TextTransformer
+
+MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
+
+
+def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
+    """A module instance, or an official-style ``dict(type='GroupViT', **kwargs)``."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise TypeError(f"expected an nn.Module or a dict with a 'type' key, got {spec!r}")
+    kwargs = dict(spec)
+    name = kwargs.pop("type")
+    if name not in MODELS:
+        raise ValueError(f"unknown encoder type {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
+
+
+class ProjectMLP(nn.Module):
+    """Projection head of 1×1 Conv1d layers on a [B,C,L] layout (official keys: Conv1d weights
+    stay 3-D [out,in,1]). A [B,C] input is one token per sample; [B,L,C] is projected per token,
+    BatchNorm statistics then pool over B and L."""
+
+    def __init__(self, in_dim=256, inner_dim=4096, out_dim=256, num_layers=2):
+        super().__init__()
+        hidden = []
+        for i in range(num_layers - 1):
+            hidden += [nn.Conv1d(in_dim if i == 0 else inner_dim, inner_dim, kernel_size=1),
+                       nn.BatchNorm1d(inner_dim), nn.ReLU(inplace=True)]
+        self.linear_hidden = nn.Sequential(*hidden)
+        self.linear_out = (nn.Conv1d(in_dim if num_layers == 1 else inner_dim, out_dim,
+                                     kernel_size=1) if num_layers >= 1 else nn.Identity())
+
+    def forward(self, x):
+        add_dim = x.ndim == 2
+        if add_dim:
+            x = x.unsqueeze(1)  # [B,C] -> [B,1,C]
+        x = x.transpose(1, 2)  # [B,L,C] -> [B,C,L]
+        x = self.linear_out(self.linear_hidden(x))
+        x = x.transpose(1, 2)  # [B,C',L] -> [B,L,C']
+        return x.squeeze(1) if add_dim else x
+
+
+class MultiLabelContrastive(nn.Module):
+    def __init__(self, img_encoder, text_encoder, output_dim=256, contrast_temperature=0.07,
+                 proj_num_layers=2, multi_label=0, share_temperature=False,
+                 multi_label_loss_weight=1.0):
+        super().__init__()
+        self.img_encoder = build_module(img_encoder)
+        self.text_encoder = build_module(text_encoder)
+        self.contrast_temperature = contrast_temperature
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / contrast_temperature))
+        self.proj_num_layers = proj_num_layers
+        self.multi_label = multi_label
+        self.output_dim = output_dim
+        if proj_num_layers > 0:
+            # Official wraps these in SyncBatchNorm; single-process BN is identical, and the
+            # trainer swaps in a cross-rank BN (same state_dict keys) when distributed.
+            self.img_projector = ProjectMLP(in_dim=self.img_encoder.width,
+                                            num_layers=proj_num_layers, out_dim=output_dim)
+            self.text_projector = ProjectMLP(in_dim=self.text_encoder.width,
+                                             num_layers=proj_num_layers, out_dim=output_dim)
+        else:
+            self.img_projector = nn.Identity()
+            self.text_projector = nn.Identity()
+        self.share_temperature = share_temperature
+        if self.with_multi_label and not share_temperature:
+            self.multi_label_logit_scale = nn.Parameter(
+                torch.ones([]) * math.log(1 / contrast_temperature))
+        self.multi_label_loss_weight = multi_label_loss_weight
+
+    @property
+    def with_multi_label(self):
+        return self.multi_label > 0
+
+    # -- temperatures -------------------------------------------------------------------------
+    def get_logit_scale(self):
+        return torch.clamp(self.logit_scale.float().exp(), max=100)
+
+    def get_multi_label_logit_scale(self):
+        src = self.logit_scale if self.share_temperature else self.multi_label_logit_scale
+        return torch.clamp(src.float().exp(), max=100)
+
+    # -- losses -------------------------------------------------------------------------------
+    def loss(self, image_x, text_x):
+        return image_text_loss(image_x, text_x, self.get_logit_scale())
+
+    def multi_label_loss(self, image_feat, text_feat):
+        return multi_label_loss(image_feat, text_feat, self.get_multi_label_logit_scale())
+
+    # -- encoders -----------------------------------------------------------------------------
+    def encode_image(self, image, *, return_feat=False, as_dict=False):
+        outs = Result(as_dict)
+        img_outs = self.img_encoder(image, return_feat=return_feat, as_dict=True)
+        outs.append(self.img_projector(img_outs["x"]), "image_x")
+        if return_feat:
+            outs.append(self.img_projector(img_outs["feat"]), "image_feat")
+        return outs.as_return()
+
+    def encode_text(self, text, *, as_dict=False):
+        if text.ndim not in (2, 3):
+            raise ValueError(f"encode_text: expected tokens [B,77] or [B,1+K,77], got shape "
+                             f"{tuple(text.shape)}")
+        num_text = 1
+        squeeze = text.ndim == 3
+        if squeeze:
+            num_text = text.shape[1]
+            text = text.reshape(-1, text.shape[-1])  # [B,1+K,L] -> [(B 1+K),L]
+        outs = Result(as_dict=as_dict)
+        # caption and prompts go through the projector together: its BN statistics pool
+        # over all B·(1+K) texts, as in training
+        text_x = self.text_projector(self.text_encoder(text))
+        outs.append(text_x, "text_x")
+        if squeeze:
+            text_x = text_x.reshape(-1, num_text, text_x.shape[-1])  # [B,1+K,D]
+            outs.update(text_x=text_x[:, 0], text_multi_label_x=text_x[:, 1:])
+        return outs.as_return()
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward_train(self, image, text):
+        image_x = self.encode_image(image, as_dict=True)["image_x"]
+        text_outs = self.encode_text(text, as_dict=True)
+        losses = dict(loss=self.loss(image_x, text_outs["text_x"]))
+        if self.with_multi_label:
+            if "text_multi_label_x" not in text_outs:
+                raise ValueError(f"multi_label={self.multi_label} needs texts [B,1+K,77], got "
+                                 f"shape {tuple(text.shape)}")
+            losses["multi_label_loss"] = self.multi_label_loss(
+                image_x.unsqueeze(1), text_outs["text_multi_label_x"]) * \
+                self.multi_label_loss_weight
+        return losses
+
+    def forward_test(self, image, text):
+        return self.zero_shot_pred(image, text)
+
+    def forward(self, image, text):
+        if self.training:
+            return self.forward_train(image, text)
+        return self.forward_test(image, text)
+
+    @torch.no_grad()
+    def build_text_embedding(self, text):
+        """tokens [N_cls, T, L] -> [N_cls, D]: mean over templates *before* L2 normalisation
+        (the official recipe, unlike CLIP's normalise-average-renormalise)."""
+        if text.ndim != 3:
+            raise ValueError(f"build_text_embedding: expected [N_cls, T, L], got {tuple(text.shape)}")
+        text = text.to(next(self.parameters()).device)
+        n, t = text.shape[:2]
+        emb = self.encode_text(text.reshape(n * t, -1))  # [(N T),D]
+        emb = emb.reshape(n, t, -1).mean(dim=1)  # [N,D]
+        return F.normalize(emb, dim=-1)
+
+    def zero_shot_pred(self, image, text):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        return image_features @ text.t()
