@@ -1,0 +1,292 @@
+"""Foundation: the drop-in model classes match the official API, layout and semantics."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import groupvit_fast as gf
+from groupvit_fast.models import GroupViT, MultiLabelContrastive, TextTransformer
+
+KEYS_FILE = __file__.replace("test_model.py", "data/official_yfcc_keys.tsv")
+
+
+def _expected_layout():
+    rows = []
+    for line in open(KEYS_FILE):
+        if line.startswith("#"):
+            continue
+        key, shape = line.rstrip("\n").split("\t")
+        rows.append((key, tuple(int(s) for s in shape.split(",")) if shape else ()))
+    return rows
+
+
+def tiny_image(**kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depths=[1, 1, 1], num_heads=[2, 2, 2],
+               num_group_tokens=[8, 4, 0], num_output_groups=[8, 4], drop_path_rate=0.0)
+    cfg.update(kw)
+    return GroupViT(**cfg)
+
+
+def tiny_model(multi_label=2, **kw):
+    return MultiLabelContrastive(img_encoder=tiny_image(**kw),
+                                 text_encoder=TextTransformer(context_length=16, width=64,
+                                                              layers=1, vocab_size=49408),
+                                 output_dim=32, multi_label=multi_label)
+
+
+@pytest.fixture(scope="module")
+def release():
+    torch.manual_seed(0)
+    return gf.build_model()
+
+
+def test_release_state_dict_matches_official_layout(release):
+    sd = release.state_dict()
+    expected = _expected_layout()
+    assert len(expected) == 407
+    assert set(sd) == {k for k, _ in expected}
+    for key, shape in expected:
+        assert tuple(sd[key].shape) == shape, key
+    # the image encoder keeps the official order exactly (239 keys)
+    img = [k for k in sd if k.startswith("img_encoder.")]
+    assert img == [k for k, _ in expected if k.startswith("img_encoder.")]
+    assert len(img) == 239
+    assert list(sd)[:2] == ["logit_scale", "multi_label_logit_scale"]
+
+
+def test_parameter_counts(release):
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(release) == 55_726_610
+    assert count(release.img_encoder) == 28_837_136
+    assert count(release.text_encoder) == 22_145_792
+    assert count(release.img_projector) == 2_633_984
+    assert count(release.text_projector) == 2_109_696
+    redcaps = gf.build_model(gf.ModelConfig(multi_label=0))
+    assert count(redcaps) == 55_726_609
+    assert len(redcaps.state_dict()) == 406
+
+
+def test_release_defaults_and_init(release):
+    enc = release.img_encoder
+    # stage-2 group tokens are zero-initialised because a projector feeds them
+    assert torch.count_nonzero(enc.layers[1].group_token) == 0
+    assert enc.layers[0].group_token.std() > 0.01
+    dpr = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+           for layer in enc.layers for b in layer.blocks]
+    assert dpr[0] == 0 and math.isclose(dpr[-1], 0.1, rel_tol=1e-6) and len(dpr) == 12
+    assert math.isclose(enc.layers[0].downsample.assign.scale, 384 ** -0.5)
+    assert math.isclose(release.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    assert release.text_encoder.transformer.resblocks[0].attn.heads == 4
+
+
+@pytest.mark.parametrize("hw,n_tokens", [((224, 224), 196), ((448, 448), 784),
+                                         ((448, 672), 1176)])
+def test_forward_shapes_eval(release, hw, n_tokens):
+    release.eval()
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        out = release.img_encoder(x, return_feat=True, return_attn=True, as_dict=True)
+    assert set(out) == {"x", "feat", "attn_dicts"}
+    assert out["x"].shape == (1, 384) and out["feat"].shape == (1, 8, 384)
+    a1, a2, a3 = out["attn_dicts"]
+    assert a1["hard"].shape == a1["soft"].shape == (1, 1, 64, n_tokens)
+    assert a2["hard"].shape == a2["soft"].shape == (1, 1, 8, 64)
+    assert a3 is None
+    # soft maps are distributions over groups; hard maps one-hot at the soft argmax
+    torch.testing.assert_close(a1["soft"].sum(2), torch.ones(1, 1, n_tokens))
+    assert torch.equal(a1["hard"].argmax(2), a1["soft"].argmax(2))
+    assert torch.all(a1["hard"].sum(2) == 1)
+
+
+def test_forward_return_conventions():
+    m = tiny_image().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(m(x), torch.Tensor)
+    x_, feat = m(x, return_feat=True)
+    assert x_.shape == (2, 64) and feat.shape == (2, 4, 64)
+    torch.testing.assert_close(x_, feat.mean(1))
+
+
+def test_training_requires_img_size():
+    m = tiny_image().train()
+    with pytest.raises(ValueError, match="training input must be 32x32"):
+        m(torch.randn(1, 3, 48, 48))
+
+
+def test_gumbel_noise_only_in_training_and_soft_maps_never_noisy():
+    torch.manual_seed(0)
+    m = tiny_image()
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        ev1 = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+        ev2 = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+    assert torch.equal(ev1["hard"], ev2["hard"])  # eval: deterministic argmax
+    m.train()
+    with torch.no_grad():
+        tr1 = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+        tr2 = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+    # stage-1 logits do not depend on noise (no drop-path here): the soft maps are the plain
+    # softmax in train and eval alike
+    torch.testing.assert_close(tr1["soft"], ev1["soft"])
+    # small random-init logits: Gumbel noise moves many argmaxes, differently on each call
+    assert not torch.equal(tr1["hard"], ev1["hard"])
+    assert not torch.equal(tr1["hard"], tr2["hard"])
+    assert torch.all(tr1["hard"].sum(2).round() == 1)
+
+
+def test_hard_assignment_false_uses_soft_assignment():
+    m = tiny_image(hard_assignment=False).train()
+    x = torch.randn(2, 3, 32, 32)
+    d = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+    torch.testing.assert_close(d["hard"], d["soft"])  # plain softmax, no noise, no one-hot
+
+
+def test_pos_embed_bicubic_resize_eval_and_on_load():
+    m = tiny_image().eval()
+    grid = m.pos_embed.reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False)
+    got = m.get_pos_embed(1, 6, 8)
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1).reshape(1, 48, 64))
+    assert got.requires_grad  # with autograd on, no cache: gradients reach pos_embed
+    with torch.no_grad():
+        cached = m.get_pos_embed(1, 6, 8)
+        assert m.get_pos_embed(1, 6, 8) is cached  # cached while the parameter is unchanged
+        m.pos_embed.add_(1.0)
+        assert m.get_pos_embed(1, 6, 8) is not cached  # in-place update invalidates it
+        m.pos_embed.sub_(1.0)
+    # a checkpoint trained at 48x48 (6x6 grid) loads into a 32x32 (4x4) model
+    big = tiny_image(img_size=48)
+    m.load_state_dict(big.state_dict())
+    want = F.interpolate(big.pos_embed.reshape(1, 6, 6, 64).permute(0, 3, 1, 2), size=(4, 4),
+                         mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, 64)
+    torch.testing.assert_close(m.pos_embed.data, want)
+
+
+def test_build_from_dicts_and_instances():
+    d = dict(img_encoder=dict(type="GroupViT", img_size=32, patch_size=8, embed_dim=64,
+                              depths=[1, 1, 1], num_heads=[2, 2, 2], num_group_tokens=[8, 4, 0],
+                              num_output_groups=[8, 4]),
+             text_encoder=dict(type="TextTransformer", context_length=16, width=64, layers=1,
+                               vocab_size=49408),
+             output_dim=32, multi_label=2)
+    a = MultiLabelContrastive(**d)
+    b = gf.build_model(d)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    with pytest.raises(ValueError, match="unknown encoder type"):
+        MultiLabelContrastive(img_encoder=dict(type="ViT"), text_encoder=d["text_encoder"])
+    with pytest.raises(ValueError, match="num_output_groups has 1 entries, expected 2"):
+        GroupViT(num_output_groups=[64])
+    with pytest.raises(ValueError, match=r"unknown img config field\(s\) \['depth'\]"):
+        gf.build_model({"img": {"depth": [1]}})
+
+
+def _tokens(B, K, L=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(B, 1 + K, L, dtype=torch.long)
+    lens = torch.randint(2, L - 1, (B, 1 + K), generator=g)
+    for b in range(B):
+        for j in range(1 + K):
+            n = int(lens[b, j])
+            t[b, j, 0] = 49406
+            t[b, j, 1:n] = torch.randint(1, 49000, (n - 1,), generator=g)
+            t[b, j, n] = 49407
+    return t
+
+
+def test_text_truncation_is_exact():
+    torch.manual_seed(0)
+    enc = TextTransformer(context_length=16, width=64, layers=2).eval()
+    t = _tokens(5, 0)[:, 0]
+    full = TextTransformer(context_length=16, width=64, layers=2, truncate_to_eot=False).eval()
+    full.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(enc(t), full(t), rtol=1e-5, atol=1e-6)
+
+
+def _naive_losses(model, image_x, text_x, text_ml):
+    """Independent computation of the official objective (single rank): explicit similarity
+    matrices and the soft-target tensor built exactly as the official code does."""
+    s = torch.clamp(model.logit_scale.exp(), max=100)
+    I, T = F.normalize(image_x, dim=-1), F.normalize(text_x, dim=-1)
+    B = I.shape[0]
+    li = -torch.log_softmax(s * I @ T.t(), 1).diagonal().mean()
+    lt = -torch.log_softmax(s * T @ I.t(), 1).diagonal().mean()
+    loss = 0.5 * (li + lt)
+    s2 = torch.clamp(model.multi_label_logit_scale.exp(), max=100)
+    K = text_ml.shape[1]
+    P = F.normalize(text_ml, dim=-1).reshape(B * K, -1)
+    target_img = torch.zeros(B, B * K)
+    target_txt = torch.zeros(B * K, B)
+    for b in range(B):
+        target_img[b, b * K:(b + 1) * K] = 1.0 / K
+        target_txt[b * K:(b + 1) * K, b] = 1.0
+    mi = (-target_img * torch.log_softmax(s2 * I @ P.t(), 1)).sum(1).mean()
+    mt = (-target_txt * torch.log_softmax(s2 * P @ I.t(), 1)).sum(1).mean()
+    return loss, 0.5 * (mi + mt)
+
+
+def test_losses_match_independent_computation():
+    torch.manual_seed(0)
+    m = tiny_model(multi_label=3).train()
+    with torch.no_grad():
+        m.logit_scale.fill_(3.0)
+        m.multi_label_logit_scale.fill_(2.0)
+    image = torch.randn(6, 3, 32, 32)
+    text = _tokens(6, 3)
+    torch.manual_seed(1)
+    losses = m(image, text)
+    assert set(losses) == {"loss", "multi_label_loss"}
+    torch.manual_seed(1)
+    image_x = m.encode_image(image)
+    t = m.encode_text(text, as_dict=True)
+    want_loss, want_ml = _naive_losses(m, image_x, t["text_x"], t["text_multi_label_x"])
+    torch.testing.assert_close(losses["loss"], want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["multi_label_loss"], want_ml, rtol=1e-5, atol=1e-6)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for n, p in m.named_parameters()
+               if p.requires_grad and "group_token" not in n)
+
+
+def test_logit_scale_clamped_at_100():
+    m = tiny_model()
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)
+    assert m.get_logit_scale().item() == 100.0
+
+
+def test_encode_text_splits_caption_and_prompts_and_class_embedding():
+    torch.manual_seed(0)
+    m = tiny_model(multi_label=2).eval()
+    text = _tokens(3, 2)
+    out = m.encode_text(text, as_dict=True)
+    assert out["text_x"].shape == (3, 32) and out["text_multi_label_x"].shape == (3, 2, 32)
+    emb = m.build_text_embedding(text)  # 3 "classes" x 3 "templates"
+    raw = m.encode_text(text.reshape(9, -1)).reshape(3, 3, -1).mean(1)
+    torch.testing.assert_close(emb, F.normalize(raw, dim=-1))
+    logits = m(torch.randn(2, 3, 32, 32), emb)  # eval forward = zero-shot prediction
+    assert logits.shape == (2, 3) and logits.abs().max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="needs texts"):
+        m.train()(torch.randn(2, 3, 32, 32), text[:2, 0])
+
+
+def test_use_checkpoint_same_outputs_and_grads():
+    torch.manual_seed(0)
+    a = tiny_image(drop_path_rate=0.1)
+    b = tiny_image(drop_path_rate=0.1, use_checkpoint=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for m in (a, b):
+        torch.manual_seed(5)
+        y = m.train()(x)
+        y.pow(2).sum().backward()
+        outs.append((y, [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for ga, gb in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_import_and_default_construct():
+    m = gf.GroupViT()
+    assert m.num_features == 384
