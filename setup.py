@@ -39,7 +39,7 @@ def _ext_modules():
               file=sys.stderr)
         return [], {}
 
-    extra_cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    extra_cxx = ["-O3", "-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
     include_dirs = [os.path.join(ROOT, "csrc")]
     # The CUDA 13 torch wheels ship the toolkit headers (cusparse.h, ...) here; without this
     # include path the torch CUDA headers fail to compile.
@@ -64,7 +64,7 @@ def _ext_modules():
             define_macros=[("GROUPVIT_FAST_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": extra_cxx,
-                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-Xptxas", "-v",
+                "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "-Xptxas", "-v",
                          "--expt-relaxed-constexpr"],
             },
             extra_link_args=["-fopenmp"],

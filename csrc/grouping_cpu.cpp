@@ -1,0 +1,330 @@
+// C++/OpenMP CPU kernel of the fused grouping op (groupvit_fast.ops.gumbel_assign_merge).
+//
+// Why it is faster than the eager chain: the eager code runs six [S x N x C] matrix products
+// and a dozen [B,S,N] elementwise passes, and saves several [B,S,N] tensors for backward.
+// Here the one-hot is exploited -- the forward merge Â·v and the gradient dv are segmented
+// sums over each group's members (O(N·C)) -- and only A = q·kᵀ (forward; recomputed in
+// backward), dÂ = dout·vᵀ, dq and dk are dense BLAS products. Nothing [B,S,N]-sized is saved:
+// backward gets the argmax index per token (int32 [B,N]) and the per-group counts ([B,S]) and
+// regenerates the Gumbel noise from the seed (counter-based Philox, grouping_common.h).
+//
+// Layout: q [B,S,C], k, v [B,N,C], logits [B,S,N] with the token axis contiguous, so the
+// per-token loops over the group axis S run over chunks of consecutive tokens (vectorisable
+// inner loop over the chunk).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "grouping_common.h"
+
+namespace {
+
+constexpr int64_t kChunk = 16;  // tokens per inner block
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "gumbel_assign_merge: expected q [B,S,C], k [B,N,C], v [B,N,C], got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0) && q.size(2) == k.size(2) &&
+                  k.size(1) == v.size(1),
+              "gumbel_assign_merge: shape mismatch: q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes(), " (expected q [B,S,C], k and v [B,N,C])");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "gumbel_assign_merge: q, k, v must share a dtype");
+}
+
+at::ScalarType acc_type_for(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// z = (A*scale + g)/tau written over A (in place), one token chunk at a time.
+template <typename acc_t>
+void noisy_logits_inplace(acc_t* A, int64_t B, int64_t S, int64_t N, acc_t scale, acc_t inv_tau,
+                          bool gumbel, uint64_t seed) {
+  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bs = lo; bs < hi; ++bs) {
+      acc_t* row = A + bs * N;
+      const uint64_t base = static_cast<uint64_t>(bs) * N;
+      for (int64_t n = 0; n < N; ++n)
+        row[n] = gvf::assign_logit<acc_t>(row[n], scale, inv_tau, gumbel, seed, base + n);
+    }
+  });
+}
+
+// Row-wise (over S) softmax of logits [B,S,N] in place.
+template <typename acc_t>
+void softmax_over_groups_inplace(acc_t* Z, int64_t B, int64_t S, int64_t N) {
+  at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
+    for (int64_t b = blo; b < bhi; ++b) {
+      acc_t* Zb = Z + b * S * N;
+      for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - n0);
+        acc_t m[kChunk], sum[kChunk];
+        for (int64_t j = 0; j < L; ++j) { m[j] = -std::numeric_limits<acc_t>::infinity(); sum[j] = 0; }
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t* row = Zb + s * N + n0;
+          for (int64_t j = 0; j < L; ++j) m[j] = std::max(m[j], row[j]);
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Zb + s * N + n0;
+          for (int64_t j = 0; j < L; ++j) { row[j] = std::exp(row[j] - m[j]); sum[j] += row[j]; }
+        }
+        for (int64_t j = 0; j < L; ++j) sum[j] = acc_t(1) / sum[j];
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Zb + s * N + n0;
+          for (int64_t j = 0; j < L; ++j) row[j] *= sum[j];
+        }
+      }
+    }
+  });
+}
+
+// Hard forward: argmax over S of the noisy logits (tau > 0 does not change it, so it is not
+// applied), member counts and the segmented merge out[s] = Σ_{n in s} v[n] / (count_s + eps).
+template <typename acc_t, typename in_t>
+void hard_forward(const acc_t* A, const in_t* v, int64_t B, int64_t S, int64_t N, int64_t C,
+                  acc_t scale, bool gumbel, uint64_t seed, acc_t eps, int32_t* idx, acc_t* cnt,
+                  acc_t* out) {
+  at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
+    for (int64_t b = blo; b < bhi; ++b) {
+      const acc_t* Ab = A + b * S * N;
+      int32_t* ib = idx + b * N;
+      for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - n0);
+        acc_t best[kChunk];
+        int32_t bi[kChunk];
+        for (int64_t j = 0; j < L; ++j) { best[j] = -std::numeric_limits<acc_t>::infinity(); bi[j] = 0; }
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t* row = Ab + s * N + n0;
+          const uint64_t base = static_cast<uint64_t>(b * S + s) * N + n0;
+          for (int64_t j = 0; j < L; ++j) {
+            const acc_t z = gvf::assign_logit<acc_t>(row[j], scale, acc_t(1), gumbel, seed, base + j);
+            // strict '>' keeps the first maximum, like torch.argmax
+            const bool better = z > best[j];
+            best[j] = better ? z : best[j];
+            bi[j] = better ? static_cast<int32_t>(s) : bi[j];
+          }
+        }
+        for (int64_t j = 0; j < L; ++j) ib[n0 + j] = bi[j];
+      }
+      acc_t* cb = cnt + b * S;
+      acc_t* ob = out + b * S * C;
+      std::fill(cb, cb + S, acc_t(0));
+      std::fill(ob, ob + S * C, acc_t(0));
+      const in_t* vb = v + b * N * C;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = ib[n];
+        cb[s] += acc_t(1);
+        acc_t* o = ob + s * C;
+        const in_t* vr = vb + n * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += static_cast<acc_t>(vr[c]);
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t inv = acc_t(1) / (cb[s] + eps);
+        acc_t* o = ob + s * C;
+        for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+      }
+    }
+  });
+}
+
+// Hard backward, the part between the two BLAS products: given A (raw logits, overwritten
+// with dA_raw) and G = dout·vᵀ (overwritten as scratch), recompute the softmax of the noisy
+// logits per token and apply the normalisation + softmax gradients.
+template <typename acc_t, typename in_t>
+void hard_backward_tokens(acc_t* A, acc_t* G, const in_t* dout, int64_t B, int64_t S, int64_t N,
+                          int64_t C, acc_t scale, acc_t inv_tau, bool gumbel, uint64_t seed,
+                          acc_t eps, const int32_t* idx, const acc_t* cnt, acc_t* dv) {
+  const acc_t scale_over_tau = scale * inv_tau;
+  at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<acc_t> D(S), inv_den(S);
+    for (int64_t b = blo; b < bhi; ++b) {
+      acc_t* Ab = A + b * S * N;
+      acc_t* Gb = G + b * S * N;
+      const int32_t* ib = idx + b * N;
+      const acc_t* cb = cnt + b * S;
+      for (int64_t s = 0; s < S; ++s) { inv_den[s] = acc_t(1) / (cb[s] + eps); D[s] = 0; }
+      // D_s = Σ_m dÂ[s,m]·w[s,m] / (r_s + eps): with a one-hot w only the members count.
+      for (int64_t n = 0; n < N; ++n) D[ib[n]] += Gb[ib[n] * N + n];
+      for (int64_t s = 0; s < S; ++s) D[s] *= inv_den[s];
+      for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+        const int64_t L = std::min(kChunk, N - n0);
+        acc_t m[kChunk], sum[kChunk], ydy[kChunk];
+        for (int64_t j = 0; j < L; ++j) {
+          m[j] = -std::numeric_limits<acc_t>::infinity(); sum[j] = 0; ydy[j] = 0;
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Ab + s * N + n0;
+          const uint64_t base = static_cast<uint64_t>(b * S + s) * N + n0;
+          for (int64_t j = 0; j < L; ++j) {
+            const acc_t z = gvf::assign_logit<acc_t>(row[j], scale, inv_tau, gumbel, seed, base + j);
+            row[j] = z;
+            m[j] = std::max(m[j], z);
+          }
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Ab + s * N + n0;
+          for (int64_t j = 0; j < L; ++j) { row[j] = std::exp(row[j] - m[j]); sum[j] += row[j]; }
+        }
+        for (int64_t j = 0; j < L; ++j) sum[j] = acc_t(1) / sum[j];
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Ab + s * N + n0;
+          acc_t* grow = Gb + s * N + n0;
+          const acc_t ds = D[s], invd = inv_den[s];
+          for (int64_t j = 0; j < L; ++j) {
+            const acc_t y = row[j] * sum[j];
+            const acc_t dy = gvf::norm_grad<acc_t>(grow[j], ds, invd);
+            row[j] = y;
+            grow[j] = dy;
+            ydy[j] += y * dy;
+          }
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          acc_t* row = Ab + s * N + n0;
+          const acc_t* grow = Gb + s * N + n0;
+          for (int64_t j = 0; j < L; ++j)
+            row[j] = gvf::softmax_grad<acc_t>(row[j], grow[j], ydy[j], scale_over_tau);
+        }
+      }
+      // dv[n] = dout[idx_n] / (count + eps): the transpose of the segmented merge.
+      const in_t* db = dout + b * S * C;
+      acc_t* dvb = dv + b * N * C;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = ib[n];
+        const acc_t invd = inv_den[s];
+        const in_t* dr = db + s * C;
+        acc_t* o = dvb + n * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<acc_t>(dr[c]) * invd;
+      }
+    }
+  });
+}
+
+at::Tensor logits(const at::Tensor& q, const at::Tensor& k) {
+  // [B,S,C] @ [B,C,N] -> [B,S,N], unscaled (the scale is folded into the per-element pass)
+  return at::bmm(q, k.transpose(1, 2)).contiguous();
+}
+
+}  // namespace
+
+// Returns {out [B,S,C], idx int32 [B,N], cnt [B,S], hard_map, soft_map}; the maps are empty
+// unless return_attn. For hard=False, cnt holds the soft row sums r_s and idx the argmax.
+std::vector<at::Tensor> gvf_cpu_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                        const at::Tensor& v_in, double scale, bool gumbel,
+                                        double tau, double eps, int64_t seed, bool hard,
+                                        bool return_attn) {
+  check_inputs(q_in, k_in, v_in);
+  TORCH_CHECK(q_in.device().is_cpu(), "gvf_cpu_forward: expected CPU tensors");
+  TORCH_CHECK(tau > 0, "gumbel_assign_merge: tau must be > 0, got ", tau);
+  if (!gumbel) tau = 1.0;  // the official hard_softmax (eval) applies no temperature
+  const auto in_dtype = q_in.scalar_type();
+  const auto acc = acc_type_for(in_dtype);
+  auto q = q_in.to(acc).contiguous();
+  auto k = k_in.to(acc).contiguous();
+  auto v = v_in.to(acc).contiguous();
+  const int64_t B = q.size(0), S = q.size(1), C = q.size(2), N = k.size(1);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  auto A = logits(q, k);
+  auto idx = at::empty({B, N}, q.options().dtype(at::kInt));
+  auto cnt = at::empty({B, S}, q.options());
+  at::Tensor out, hard_map, soft_map;
+  if (return_attn) {
+    soft_map = at::softmax(A * scale, 1).to(in_dtype);
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "gvf_cpu_forward", [&] {
+    using acc_t = scalar_t;
+    if (hard) {
+      out = at::empty({B, S, C}, q.options());
+      hard_forward<acc_t, acc_t>(A.data_ptr<acc_t>(), v.data_ptr<acc_t>(), B, S, N, C,
+                                 static_cast<acc_t>(scale), gumbel, useed, static_cast<acc_t>(eps),
+                                 idx.data_ptr<int32_t>(), cnt.data_ptr<acc_t>(),
+                                 out.data_ptr<acc_t>());
+      if (return_attn) {
+        hard_map = at::zeros({B, S, N}, q.options().dtype(in_dtype));
+        hard_map.scatter_(1, idx.to(at::kLong).unsqueeze(1), 1.0);
+      }
+    } else {
+      noisy_logits_inplace<acc_t>(A.data_ptr<acc_t>(), B, S, N, static_cast<acc_t>(scale),
+                                  static_cast<acc_t>(1.0 / tau), gumbel, useed);
+      softmax_over_groups_inplace<acc_t>(A.data_ptr<acc_t>(), B, S, N);  // A := y
+      idx.copy_(A.argmax(1));
+      cnt.copy_(A.sum(2));
+      auto normed = A / (cnt.unsqueeze(2) + eps);
+      out = at::bmm(normed, v);
+      if (return_attn) hard_map = A.to(in_dtype);
+    }
+  });
+  if (!return_attn) {
+    hard_map = at::empty({0}, q_in.options());
+    soft_map = at::empty({0}, q_in.options());
+  }
+  return {out.to(in_dtype), idx, cnt, hard_map, soft_map};
+}
+
+// Returns {dq, dk, dv} in the input dtype.
+std::vector<at::Tensor> gvf_cpu_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                         const at::Tensor& k_in, const at::Tensor& v_in,
+                                         const at::Tensor& idx_in, const at::Tensor& cnt_in,
+                                         double scale, bool gumbel, double tau, double eps,
+                                         int64_t seed, bool hard) {
+  check_inputs(q_in, k_in, v_in);
+  TORCH_CHECK(tau > 0, "gumbel_assign_merge: tau must be > 0, got ", tau);
+  if (!gumbel) tau = 1.0;  // the official hard_softmax (eval) applies no temperature
+  const auto in_dtype = q_in.scalar_type();
+  const auto acc = acc_type_for(in_dtype);
+  auto q = q_in.to(acc).contiguous();
+  auto k = k_in.to(acc).contiguous();
+  auto v = v_in.to(acc).contiguous();
+  auto dout = dout_in.to(acc).contiguous();
+  auto idx = idx_in.to(at::kInt).contiguous();
+  auto cnt = cnt_in.to(acc).contiguous();
+  const int64_t B = q.size(0), S = q.size(1), C = q.size(2), N = k.size(1);
+  TORCH_CHECK(dout.sizes() == q.sizes(), "gvf_cpu_backward: grad_out ", dout.sizes(),
+              " does not match out ", q.sizes());
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  auto A = logits(q, k);
+  auto G = at::bmm(dout, v.transpose(1, 2)).contiguous();  // dÂ [B,S,N]
+  at::Tensor dv;
+  AT_DISPATCH_FLOATING_TYPES(acc, "gvf_cpu_backward", [&] {
+    using acc_t = scalar_t;
+    if (hard) {
+      dv = at::empty({B, N, C}, q.options());
+      hard_backward_tokens<acc_t, acc_t>(A.data_ptr<acc_t>(), G.data_ptr<acc_t>(),
+                                         dout.data_ptr<acc_t>(), B, S, N, C,
+                                         static_cast<acc_t>(scale), static_cast<acc_t>(1.0 / tau),
+                                         gumbel, useed, static_cast<acc_t>(eps),
+                                         idx.data_ptr<int32_t>(), cnt.data_ptr<acc_t>(),
+                                         dv.data_ptr<acc_t>());
+    } else {
+      // Soft assignment (hard=False, not used by the released model): dense, plain ATen.
+      noisy_logits_inplace<acc_t>(A.data_ptr<acc_t>(), B, S, N, static_cast<acc_t>(scale),
+                                  static_cast<acc_t>(1.0 / tau), gumbel, useed);
+      softmax_over_groups_inplace<acc_t>(A.data_ptr<acc_t>(), B, S, N);  // A := y
+      auto inv_den = 1.0 / (A.sum(2, true) + eps);                       // [B,S,1]
+      auto normed = A * inv_den;
+      dv = at::bmm(normed.transpose(1, 2), dout);
+      auto D = (G * normed).sum(2, true);
+      auto dy = (G - D) * inv_den;
+      auto ydy = (A * dy).sum(1, true);
+      A = A * (dy - ydy) * (scale / tau);
+    }
+  });
+  auto dq = at::bmm(A, k);                   // [B,S,N] @ [B,N,C]
+  auto dk = at::bmm(A.transpose(1, 2), q);   // [B,N,S] @ [B,S,C]
+  return {dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype)};
+}
+
+// Gumbel noise of the kernels for a [B,S,N] shape (tests compare it with Triton's tl.rand
+// stream and check its distribution).
+at::Tensor gvf_gumbel_noise(int64_t B, int64_t S, int64_t N, int64_t seed) {
+  auto g = at::empty({B, S, N}, at::TensorOptions().dtype(at::kFloat));
+  float* p = g.data_ptr<float>();
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, B * S * N, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) p[i] = gvf::gumbel_noise(useed, static_cast<uint64_t>(i));
+  });
+  return g;
+}
