@@ -138,6 +138,8 @@ class ZeroShotSegmenter:
                                 f'image-text model (MultiLabelContrastive), got {type(model).__name__}')
         self.model = model
         self.class_names = list(class_names)
+        if not self.class_names:
+            raise ValueError('class_names is empty: give at least one class to segment')
         self.with_bg, self.fg_names = split_background(self.class_names)
         if not self.fg_names:
             raise ValueError('class_names has no foreground class: give at least one class '
@@ -176,7 +178,7 @@ class ZeroShotSegmenter:
 
     def _logit_scale(self) -> torch.Tensor:
         # official: clamp(exp(logit_scale), max=100)
-        return self.model.get_logit_scale()
+        return self.model.get_logit_scale().detach()
 
     def _score_window(self, gmap: torch.Tensor, feat: torch.Tensor, avg: torch.Tensor,
                       fast: bool) -> torch.Tensor:
