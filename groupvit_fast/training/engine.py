@@ -1,0 +1,423 @@
+"""DeepSpeed training loop for GroupViT (the official recipe, ref §7): ZeRO 1/2/3, gradient
+accumulation, per-step cosine LR, global negatives and cross-rank projector BN, crash-safe
+checkpoints with exact resume, consolidated export, progress/TensorBoard and a periodic
+zero-shot segmentation hook.
+
+``train(cfg)`` is the library entry point (train/main.py is a thin CLI around it). It works under
+``deepspeed``, ``torchrun`` or a plain ``python`` process (single rank)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import socket
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .batching import BatchPlan, plan_batch
+from .config import REPO_ROOT, TrainConfig
+from .data import build_loader
+from .monitor import Monitor, NonFiniteLoss, peak_memory_mib
+from .param_groups import param_groups
+from .schedule import build_schedule
+from .syncbn import convert_sync_batchnorm
+
+# DeepSpeed keys that the training config owns (one source of truth for batch, precision, clip)
+_MANAGED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                    "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
+                    "optimizer", "scheduler", "amp")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> None:
+    """Launcher glue, before deepspeed is imported: the CPU accelerator when there is no GPU,
+    and the rendezvous variables of a one-process run when no launcher set them."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # ranks sharing a CPU would oversubscribe it with one thread pool per core each
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
+                                                                       os.environ["WORLD_SIZE"])))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def init_distributed():
+    setup_environment()
+    import deepspeed
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_precision(p: str) -> str:
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return p
+
+
+def build_ds_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
+    """DeepSpeed config: ZeRO section from the JSON file, everything else from ``cfg``."""
+    path = cfg.deepspeed.config
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        path = os.path.join(REPO_ROOT, path)
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"deepspeed.config: {cfg.deepspeed.config} not found (tried "
+                                f"{path}); ZeRO configs live in configs/ds_zero{{1,2,3}}.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed.config {path}: invalid JSON: {e}") from None
+    clash = [k for k in _MANAGED_DS_KEYS if k in conf]
+    if clash:
+        raise ValueError(f"deepspeed.config {path} sets {clash}; these come from the training "
+                         f"config (train.batch_size / micro_batch_size / grad_accum_steps / "
+                         f"clip_grad / precision, client AdamW + cosine schedule): remove them "
+                         f"from the JSON")
+    conf = dict(conf)
+    zero = dict(conf.get("zero_optimization", {}))
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    conf["zero_optimization"] = zero
+    conf.update(train_batch_size=plan.global_batch,
+                train_micro_batch_size_per_gpu=plan.micro_batch,
+                gradient_accumulation_steps=plan.grad_accum,
+                gradient_clipping=cfg.train.clip_grad)
+    prec = resolve_precision(cfg.train.precision)
+    if prec == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif prec == "fp16":
+        # dynamic loss scaling, as apex O1 in the official runs
+        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                        "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    conf.setdefault("zero_allow_untested_optimizer", True)
+    conf.setdefault("steps_per_print", 10**12)  # our monitor logs; keep DeepSpeed quiet
+    conf.setdefault("wall_clock_breakdown", False)
+    return conf
+
+
+def _seed_all(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """Full parameters inside the block under ZeRO-3 (collective); a no-op otherwise."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _full_state_dict_rank0(module, rank: int) -> Optional[dict]:
+    """Collective: a CPU fp32 copy of the full state_dict on rank 0 (any ZeRO stage)."""
+    with _gathered(list(module.parameters())):
+        if rank != 0:
+            return None
+        return {k: (v.detach().float().cpu().clone() if v.is_floating_point()
+                    else v.detach().cpu().clone()) for k, v in module.state_dict().items()}
+
+
+def run_seg_eval(model, cfg: TrainConfig) -> Optional[dict]:
+    """Zero-shot segmentation of the embedded eval split with groupvit_fast.seg; None when the
+    segmentation package or the dataset is not available (reported, never fatal)."""
+    name = cfg.monitor.eval_dataset
+    if not name:
+        return None
+    from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
+    from groupvit_fast.seg.evaluate import evaluate_dataset
+    ds = build_dataset(name)
+    opts = dict(cfg.monitor.eval_options)
+    if getattr(ds, "bg_thresh", None) is not None:
+        opts.setdefault("bg_thresh", ds.bg_thresh)
+    seg = ZeroShotSegmenter(model, ds.class_names, **opts)
+    return evaluate_dataset(seg, ds, rank=0, world_size=1, limit=cfg.monitor.eval_max_images,
+                            progress=False)
+
+
+def _ds_initialize(model, optimizer, ds_conf):
+    """deepspeed.initialize, working around DeepSpeed's ``_broadcast_model``, which views every
+    parameter as uint8 and so fails on the official 0-dim ``logit_scale`` parameters ("self.dim()
+    cannot be 0 to view Float as Byte"). We broadcast those ourselves and mark them with the
+    attribute DeepSpeed uses to skip non-replicated params, removed again afterwards (it only
+    matters for super-offload, which we do not configure)."""
+    import deepspeed
+    import torch.distributed as dist
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    for p in scalars:
+        dist.broadcast(p.data, src=0)
+        p.ds_optim_param = True
+    try:
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_conf)
+    finally:
+        for p in scalars:
+            if hasattr(p, "ds_optim_param"):
+                del p.ds_optim_param
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    checkpoint: Optional[str]
+    export: Optional[str]
+    tensorboard: Optional[str]
+    step_time_s: float  # mean wall time per optimizer step, excluding the first (warm-up)
+    images_per_s: float
+    peak_memory_mib: float  # this rank (RSS on CPU, allocated on GPU)
+    losses: list  # global mean loss of every optimizer step run in this process
+    eval: Optional[dict] = None
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
+    rank, world, local_rank = init_distributed()
+    import deepspeed
+    import torch.distributed as dist
+
+    is_main = rank == 0
+    say = log if is_main else (lambda *a, **k: None)
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    t = cfg.train
+    plan = plan_batch(t.batch_size, world, t.micro_batch_size, t.grad_accum_steps)
+    precision = resolve_precision(t.precision)
+    ds_conf = build_ds_config(cfg, plan)
+    stage = ds_conf["zero_optimization"]["stage"]
+
+    def new_epoch(loader, e):
+        """The loader positioned at the start of epoch ``e`` (set_epoch when it has one, else a
+        fresh loader built for that epoch, as the data contract allows)."""
+        if loader is not None and hasattr(loader, "set_epoch"):
+            loader.set_epoch(e)
+            return loader
+        return build_loader(cfg, rank=rank, world_size=world, batch_size=plan.micro_batch,
+                            seed=t.seed, epoch=e, device=device)
+
+    loader = new_epoch(None, 0)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = micro_per_epoch // plan.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"the dataset gives {micro_per_epoch} micro-batches of {plan.micro_batch} "
+                         f"per rank per epoch, fewer than the {plan.grad_accum} accumulation steps "
+                         f"of one optimizer step ({plan.describe()}): use more data or a smaller "
+                         f"train.batch_size")
+    sched = build_schedule(t, steps_per_epoch, plan.global_batch)
+    total_steps = sched.total_steps
+    stop_at = min(total_steps, t.max_steps) if t.max_steps else total_steps
+
+    # identical initial weights on every rank (ZeRO-3 partitions each rank's own copy)
+    _seed_all(t.seed)
+    from groupvit_fast.config import build_model
+    model = convert_sync_batchnorm(build_model(cfg.model))
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=sched.lr_for_step(0),
+                                  betas=tuple(t.betas), eps=t.eps)
+    engine, _, _, _ = _ds_initialize(model, optimizer, ds_conf)
+    model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # the official runs shift the seed by the rank (Gumbel noise, drop-path differ per rank)
+    _seed_all(t.seed + rank)
+
+    out_dir = cfg.checkpoint.output_dir
+    if not os.path.isabs(out_dir):
+        out_dir = os.path.abspath(out_dir)
+    step, epoch, micro_in_epoch = 0, 0, 0
+    if resume:
+        got = ckpt.load(engine, out_dir)
+        if got is None:
+            say(f"[train] --resume: no checkpoint in {out_dir}, starting from scratch")
+        else:
+            tag, client, tstate = got
+            if client.get("world_size") != world or client.get("global_batch") != plan.global_batch:
+                raise RuntimeError(
+                    f"checkpoint {tag} was written with world size {client.get('world_size')} and "
+                    f"global batch {client.get('global_batch')}; this run has {world} and "
+                    f"{plan.global_batch}. Exact resume (same data order) needs the same world "
+                    f"size and batch")
+            step, epoch = int(tstate["step"]), int(tstate["epoch"])
+            micro_in_epoch = int(tstate["micro_in_epoch"])
+            loader = new_epoch(loader, epoch)
+            loader.load_state_dict(tstate["loader"])
+            ckpt.set_rng_state(tstate["rng"])
+            say(f"[train] resumed from {os.path.join(out_dir, tag)} at step {step} (epoch {epoch})")
+
+    say(f"[train] {cfg.name}: {n_params / 1e6:.2f}M params, {plan.describe()}, ZeRO-{stage}, "
+        f"{precision}, {steps_per_epoch} steps/epoch × {t.epochs} epochs = {total_steps} steps"
+        f"{f' (stopping at {stop_at})' if stop_at < total_steps else ''}, lr {sched.base_lr:.3g} "
+        f"(warm-up {sched.warmup_steps} steps from {sched.warmup_lr:.3g}, cosine to "
+        f"{sched.min_lr:.3g}), device {device.type} × {world}")
+
+    tb_dir = os.path.join(out_dir, "tb") if cfg.monitor.tensorboard else None
+    mon = Monitor(enabled=is_main, total_steps=stop_at, start_step=step,
+                  progress=cfg.monitor.progress, tensorboard_dir=tb_dir,
+                  log_every=cfg.monitor.log_every_steps)
+    last_ckpt = None
+    try:
+        last_ckpt = ckpt.read_latest(out_dir) if is_main else None
+    except FileNotFoundError:
+        pass
+
+    def client_state():
+        return {"step": step, "epoch": epoch, "world_size": world,
+                "global_batch": plan.global_batch, "config": cfg.to_dict()}
+
+    def trainer_state():
+        return {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+                "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+
+    def save():
+        nonlocal last_ckpt
+        last_ckpt = ckpt.save(engine, out_dir, step, client_state(), trainer_state(),
+                              keep_last=cfg.checkpoint.keep_last)
+        mon.write(f"[train] checkpoint {last_ckpt}")
+
+    def evaluate():
+        if not cfg.monitor.eval_dataset:
+            return None
+        sd = _full_state_dict_rank0(engine.module, rank)
+        res = None
+        if is_main:
+            rng = ckpt.rng_state()  # evaluation must not shift the training RNG stream
+            try:
+                m = build_model(cfg.model)
+                m.load_state_dict(sd)
+                m.to(device).eval()
+                res = run_seg_eval(m, cfg)
+                if res is not None:
+                    mon.write(f"[train] step {step}: zero-shot {cfg.monitor.eval_dataset} mIoU "
+                              f"{res['mIoU']}")
+                    if res.get("mIoU") is not None:
+                        mon.scalar("eval/mIoU", res["mIoU"], step)
+            except Exception as e:  # the hook must not kill a long run
+                mon.write(f"[train] step {step}: segmentation eval skipped: "
+                          f"{type(e).__name__}: {e}")
+            finally:
+                ckpt.set_rng_state(rng)
+        dist.barrier()
+        return res
+
+    opt_groups = optimizer.param_groups
+    it = iter(loader)
+    losses_hist, step_times = [], []
+    images_per_s = 0.0
+    eval_res = None
+    loss_keys = None
+    saved_at = step if (resume and last_ckpt) else None
+    try:
+        while step < stop_at:
+            if micro_in_epoch >= steps_per_epoch * plan.grad_accum:
+                epoch += 1
+                micro_in_epoch = 0
+                loader = new_epoch(loader, epoch)
+                it = iter(loader)
+            lr = sched.lr_for_step(step)
+            for g in opt_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            acc = None
+            for _ in range(plan.grad_accum):
+                try:
+                    images, texts = next(it)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"the loader ended after {micro_in_epoch} micro-batches of epoch {epoch} "
+                        f"but len() promised {micro_per_epoch}") from None
+                micro_in_epoch += 1
+                images = images.to(device, dtype=model_dtype, non_blocking=True)
+                texts = texts.to(device, non_blocking=True)
+                out = engine(images, texts)
+                if loss_keys is None:
+                    loss_keys = sorted(k for k in out if "loss" in k)
+                total = sum(out[k] for k in loss_keys)
+                vec = torch.stack([total.detach().float()] +
+                                  [out[k].detach().float() for k in loss_keys])
+                dist.all_reduce(vec)  # NaN anywhere reaches every rank
+                vec = vec / world
+                if not bool(torch.isfinite(vec).all()):
+                    raise NonFiniteLoss(
+                        f"loss is {vec[0].item()} at step {step} (epoch {epoch}, lr {lr:.3g}); "
+                        f"stopped without saving. Last good checkpoint: "
+                        f"{last_ckpt or 'none yet'} (resume with --resume, e.g. with a lower "
+                        f"train.base_lr or train.precision=fp32)")
+                engine.backward(total)
+                engine.step()
+                acc = vec if acc is None else acc + vec
+            acc = (acc / plan.grad_accum).tolist()
+            step += 1
+            dt = time.perf_counter() - t0
+            if step > 1 or resume:
+                step_times.append(dt)
+            images_per_s = plan.global_batch / dt
+            grad_norm = engine.get_global_grad_norm()
+            with _gathered([engine.module.logit_scale]):
+                logit_scale = float(engine.module.logit_scale.detach().float().exp())
+            scalars = {"loss/total": acc[0], "lr": lr, "logit_scale": logit_scale,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "images_per_s": images_per_s, "epoch": float(epoch)}
+            for k, v in zip(loss_keys, acc[1:]):
+                scalars[f"loss/{k}"] = v
+            losses_hist.append(acc[0])
+            mon.step(step, scalars)
+            every = cfg.checkpoint.save_every_steps
+            if every and step % every == 0 and step < stop_at:
+                save()
+                saved_at = step
+            ev = cfg.monitor.eval_every_steps
+            if ev and step % ev == 0 and step < stop_at:
+                eval_res = evaluate()
+        if saved_at != step:
+            save()
+        export_path = None
+        if cfg.checkpoint.export_at_end and is_main:
+            sd = ckpt.consolidated_state_dict(out_dir, ckpt.tag_for(step), stage)
+            export_path = os.path.join(out_dir, "export", f"{cfg.name}_{ckpt.tag_for(step)}.pth")
+            ckpt.export_official(cfg.model, sd, export_path,
+                                 extra={"config": cfg.to_dict(), "epoch": epoch, "step": step})
+        dist.barrier()
+        if cfg.monitor.eval_dataset:
+            eval_res = evaluate()
+    finally:
+        mon.close()
+    mem = peak_memory_mib(device)
+    mean_dt = float(np.mean(step_times)) if step_times else float("nan")
+    result = TrainResult(steps=step, final_loss=losses_hist[-1] if losses_hist else float("nan"),
+                         checkpoint=last_ckpt, export=export_path, tensorboard=tb_dir,
+                         step_time_s=mean_dt,
+                         images_per_s=plan.global_batch / mean_dt if step_times else images_per_s,
+                         peak_memory_mib=mem, losses=losses_hist, eval=eval_res)
+    mems = torch.tensor([mem], dtype=torch.float64)
+    gathered = [torch.zeros_like(mems) for _ in range(world)]
+    dist.all_gather(gathered, mems)
+    say(f"[train] done: {step} steps, final loss {result.final_loss:.4f}, "
+        f"{mean_dt:.3f} s/step ({result.images_per_s:.1f} img/s), peak memory per rank "
+        f"{', '.join(f'{g.item():.0f}' for g in gathered)} MiB; checkpoint {last_ckpt}; "
+        f"export {export_path}; tensorboard {tb_dir}")
+    return result
+

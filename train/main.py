@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Train GroupViT with DeepSpeed ZeRO.
+
+    deepspeed train/main.py                                   # embedded default recipe
+    deepspeed train/main.py --config gcc_yfcc                 # released recipe (configs/*.yaml)
+    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 train/main.py --config gcc_yfcc
+    torchrun --standalone --nproc_per_node 2 train/main.py --set train.max_steps=10
+    python train/main.py --resume                             # one process, continues `latest`
+
+Overrides: ``--set a.b=value`` for any config field (``--set train.base_lr=1e-3
+model.img.depths=[2,2,1] deepspeed.zero_stage=3``)."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default",
+                   help="recipe name under configs/ (default, gcc_yfcc, gcc_redcap) or a YAML path")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override config fields, e.g. train.base_lr=1e-3 model.img.depths=[2,2,1]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <checkpoint.output_dir>/latest (same data order, RNG, LR)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from groupvit_fast.training.config import build_config
+    cfg = build_config(args.config, args.overrides)
+    if args.print_config:
+        import json
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from groupvit_fast.training.engine import train
+    from groupvit_fast.training.monitor import NonFiniteLoss
+    try:
+        train(cfg, resume=args.resume)
+    except NonFiniteLoss as e:
+        print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
