@@ -50,9 +50,16 @@ class AssignAttention(nn.Module):
         q = self.q_proj(query)  # [B,S,C]
         k = self.k_proj(key)  # [B,N,C]
         v = self.v_proj(key)  # [B,N,C]
-        res = gumbel_assign_merge(q, k, v, scale=self.scale,
-                                  gumbel=self.gumbel and self.training, tau=self.gumbel_tau,
-                                  eps=self.assign_eps, hard=self.hard, return_attn=return_attn)
+        kwargs = dict(scale=self.scale, gumbel=self.gumbel and self.training,
+                      tau=self.gumbel_tau, eps=self.assign_eps, hard=self.hard,
+                      return_attn=return_attn)
+        if torch.is_autocast_enabled(q.device.type):
+            # Mixed precision: the hard assignment is an argmax over the group logits, and
+            # bf16/fp16 rounding flips near-ties; the op is ~2% of the FLOPs, so it runs in fp32.
+            with torch.autocast(q.device.type, enabled=False):
+                res = gumbel_assign_merge(q.float(), k.float(), v.float(), **kwargs)
+        else:
+            res = gumbel_assign_merge(q, k, v, **kwargs)
         attn_dict = None
         if return_attn:
             out, hard_map, soft_map = res

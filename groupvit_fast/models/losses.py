@@ -1,25 +1,144 @@
 """Contrastive objectives of the official ``MultiLabelContrastive`` (ref §4.3), written as
-local losses over gathered negatives: each rank scores its B rows against the W·B gathered
-columns, so memory is O(B·W·B) and gradients equal those of the global-batch loss."""
+local losses over gathered negatives: each rank scores its rows against the W·B gathered
+columns, so gradients equal those of the global-batch loss (the gather's backward sums every
+rank's copy back to the owner).
+
+Two numerically equivalent paths:
+
+* plain: the local logits [rows, W·B·L] are materialised and fed to a cross-entropy;
+* chunked: an autograd Function computes the row log-sum-exp of ``s·A·Bᵀ`` a block of rows at a
+  time and recomputes each block in the backward pass, so at most ``chunk × columns`` logits
+  exist at once. The positive (target) term of every row is a plain dot product with the row's
+  own partner(s), so the one-hot / soft-target matrix is never built on either path.
+
+Everything runs in fp32 with autocast disabled: the features are only [B, D] and the
+log-sum-exp over thousands of columns, the temperature and its gradient are where bf16/fp16
+rounding would hurt.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, get_rank
 
+# Logit matrices with more elements than this take the chunked path (64 MiB of fp32 logits).
+CHUNK_THRESHOLD = 1 << 24
+# Target number of logits per chunk of rows on the chunked path.
+CHUNK_ELEMS = 1 << 22
 
-def image_text_loss(image_x: torch.Tensor, text_x: torch.Tensor, logit_scale: torch.Tensor):
+_chunk_size: Optional[int] = None
+
+
+def set_loss_chunk_size(rows: Optional[int]) -> None:
+    """Force the chunked path with ``rows`` rows per block (0 forces the plain path; None restores
+    the automatic choice by logit-matrix size)."""
+    global _chunk_size
+    if rows is not None and rows < 0:
+        raise ValueError(f"loss chunk size must be >= 0 or None, got {rows}")
+    _chunk_size = rows
+
+
+def _pick_chunk(rows: int, cols: int, chunk_size: Optional[int]) -> int:
+    """Rows per block, or 0 for the plain path."""
+    forced = chunk_size if chunk_size is not None else _chunk_size
+    if forced is not None:
+        return int(forced)
+    if rows * cols <= CHUNK_THRESHOLD:
+        return 0
+    return max(1, CHUNK_ELEMS // max(cols, 1))
+
+
+class _ChunkedRowLSE(torch.autograd.Function):
+    """lse[i] = log Σ_j exp(s · a_i·b_j) for a [M,D], b [N,D] (fp32), ``chunk`` rows at a time.
+
+    Backward, with p = softmax row of the recomputed block and g the incoming [M] gradient:
+    dL/dlogits = g_i·p_ij, so da = s·(g∘p) b, db = s·(g∘p)ᵀ a, ds = Σ (g∘p)∘(a bᵀ).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, chunk):
+        M = a.shape[0]
+        lse = a.new_empty(M)
+        bt = b.t()
+        with torch.autocast(a.device.type, enabled=False):
+            for i in range(0, M, chunk):
+                logits = torch.mm(a[i:i + chunk], bt) * scale  # [c,N]
+                lse[i:i + chunk] = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(a, b, scale, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        a, b, scale, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        need_a, need_b, need_s = ctx.needs_input_grad[:3]
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        grad_s = torch.zeros((), dtype=a.dtype, device=a.device) if need_s else None
+        bt = b.t()
+        grad_lse = grad_lse.float()
+        # backward() may be called inside an autocast region: keep the recomputation in fp32
+        with torch.autocast(a.device.type, enabled=False):
+            for i in range(0, a.shape[0], chunk):
+                a_c = a[i:i + chunk]
+                dots = torch.mm(a_c, bt)  # [c,N]
+                # dL/dlogits of this block: g_i · softmax_ij
+                p = torch.exp(dots * scale - lse[i:i + chunk, None]) * grad_lse[i:i + chunk, None]
+                if need_s:
+                    grad_s += (p * dots).sum()
+                if need_a:
+                    grad_a[i:i + chunk] = torch.mm(p, b) * scale
+                if need_b:
+                    grad_b += torch.mm(p.t(), a_c) * scale
+        if need_s:
+            grad_s = grad_s.reshape(scale.shape)
+        return grad_a, grad_b, grad_s, None
+
+
+def row_logsumexp(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                  chunk: int = 0) -> torch.Tensor:
+    """log Σ_j exp(scale · a_i·b_j) per row of a: [M,D] x [N,D] -> [M] (fp32). ``chunk`` > 0
+    bounds the live logits to chunk × N; 0 materialises them."""
+    scale = torch.as_tensor(scale, dtype=a.dtype, device=a.device)
+    if chunk and chunk > 0:
+        return _ChunkedRowLSE.apply(a, b, scale, int(chunk))
+    return torch.logsumexp(torch.mm(a, b.t()) * scale, dim=1)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t.float(), dim=-1)
+
+
+def image_text_loss(image_x: torch.Tensor, text_x: torch.Tensor, logit_scale: torch.Tensor, *,
+                    chunk_size: Optional[int] = None):
     """½·(CE(s·I·gather(T)ᵀ) + CE(s·T·gather(I)ᵀ)) with targets rank·B + arange(B).
     Inputs are raw [B,D] embeddings; ``logit_scale`` is the already clamped scale s."""
+    if image_x.ndim != 2 or image_x.shape != text_x.shape:
+        raise ValueError(f"image_text_loss: expected image_x and text_x of equal shape [B,D], got "
+                         f"{tuple(image_x.shape)} and {tuple(text_x.shape)}")
     B = image_x.shape[0]
-    image_x = F.normalize(image_x, dim=-1)
-    text_x = F.normalize(text_x, dim=-1)
-    labels = torch.arange(B, device=image_x.device) + B * get_rank()
-    # softmax/log-sum-exp in fp32 whatever the autocast dtype
-    logits_img = (image_x @ gather_with_grad(text_x).t()).float() * logit_scale
-    logits_txt = (text_x @ gather_with_grad(image_x).t()).float() * logit_scale
-    return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+    with torch.autocast(image_x.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=image_x.device).float()
+        img = _fp32(image_x)
+        txt = _fp32(text_x)
+        all_txt = gather_with_grad(txt)  # [W·B,D]
+        all_img = gather_with_grad(img)  # [W·B,D]
+        chunk = _pick_chunk(B, all_txt.shape[0], chunk_size)
+        if chunk == 0:
+            labels = torch.arange(B, device=img.device) + B * get_rank()
+            logits_img = torch.mm(img, all_txt.t()) * s  # [B,W·B]
+            logits_txt = torch.mm(txt, all_img.t()) * s  # [B,W·B]
+            return 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
+        # CE row = lse(row) − logit(own pair); the own pair of image i is text i on this rank
+        # (the gathered copy's gradient is summed back to the same local tensor).
+        pos = (img * txt).sum(dim=-1) * s  # [B]
+        lse_img = row_logsumexp(img, all_txt, s, chunk)
+        lse_txt = row_logsumexp(txt, all_img, s, chunk)
+        return 0.5 * (lse_img.mean() + lse_txt.mean()) - pos.mean()
 
 
 def _soft_target_ce_own_block(logits: torch.Tensor, B: int, L_row: int, L_col: int):
@@ -36,18 +155,37 @@ def _soft_target_ce_own_block(logits: torch.Tensor, B: int, L_row: int, L_col: i
 
 
 def multi_label_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
-                     logit_scale: torch.Tensor):
+                     logit_scale: torch.Tensor, *, chunk_size: Optional[int] = None):
     """Multi-label contrastive loss: image_feat [B,L1,D] (L1 = 1: the pooled embedding),
-    text_feat [B,L2,D] (L2 = K prompts). Image rows weight 1/K on each own prompt; prompt rows
-    weight 1/L1 on their own image. ½·(image rows + text rows)."""
+    text_feat [B,L2,D] (L2 = K prompts). Image rows weight 1/L2 on each own prompt; prompt rows
+    weight 1/L1 on their own image(s). ½·(image rows + text rows)."""
+    if image_feat.ndim != 3 or text_feat.ndim != 3 or image_feat.shape[0] != text_feat.shape[0] \
+            or image_feat.shape[2] != text_feat.shape[2]:
+        raise ValueError(f"multi_label_loss: expected image_feat [B,L1,D] and text_feat [B,L2,D], "
+                         f"got {tuple(image_feat.shape)} and {tuple(text_feat.shape)}")
     B, L1, _ = image_feat.shape
     L2 = text_feat.shape[1]
-    image_feat = F.normalize(image_feat, dim=-1)
-    text_feat = F.normalize(text_feat, dim=-1)
-    image_x = image_feat.reshape(B * L1, -1)  # [(B L1), D]
-    text_x = text_feat.reshape(B * L2, -1)  # [(B L2), D]
-    logits_img = (image_x @ gather_with_grad(text_x).t()).float() * logit_scale
-    logits_txt = (text_x @ gather_with_grad(image_x).t()).float() * logit_scale
-    loss_img = _soft_target_ce_own_block(logits_img, B, L1, L2)
-    loss_txt = _soft_target_ce_own_block(logits_txt, B, L2, L1)
-    return 0.5 * (loss_img + loss_txt)
+    with torch.autocast(image_feat.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=image_feat.device).float()
+        image_feat = _fp32(image_feat)
+        text_feat = _fp32(text_feat)
+        image_x = image_feat.reshape(B * L1, -1)  # [(B L1), D]
+        text_x = text_feat.reshape(B * L2, -1)  # [(B L2), D]
+        all_txt = gather_with_grad(text_x)  # [(W B L2), D]
+        all_img = gather_with_grad(image_x)  # [(W B L1), D]
+        chunk = _pick_chunk(B * max(L1, L2), max(all_txt.shape[0], all_img.shape[0]), chunk_size)
+        if chunk == 0:
+            logits_img = torch.mm(image_x, all_txt.t()) * s
+            logits_txt = torch.mm(text_x, all_img.t()) * s
+            loss_img = _soft_target_ce_own_block(logits_img, B, L1, L2)
+            loss_txt = _soft_target_ce_own_block(logits_txt, B, L2, L1)
+            return 0.5 * (loss_img + loss_txt)
+        # Soft-target CE row = lse(row) − mean of its own partners' logits. Averaged over rows,
+        # both sides' positive terms equal s · mean over (b, l1, l2) of <I_b,l1, T_b,l2>.
+        pos = torch.einsum("bic,bjc->bij", image_feat, text_feat).mean() * s  # [B,L1,L2] -> ()
+        lse_img = row_logsumexp(image_x, all_txt, s, chunk)
+        lse_txt = row_logsumexp(text_x, all_img, s, chunk)
+        return 0.5 * (lse_img.mean() + lse_txt.mean()) - pos
+
+
+__all__ = ["image_text_loss", "multi_label_loss", "row_logsumexp", "set_loss_chunk_size"]

@@ -1,0 +1,203 @@
+"""Contrastive losses: plain and chunked paths against an independent naive computation that
+builds the official one-hot soft targets [B,L1,B,L2,W] explicitly (ref §4.3)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from groupvit_fast.models import losses
+from groupvit_fast.models.losses import (image_text_loss, multi_label_loss, row_logsumexp,
+                                         set_loss_chunk_size)
+
+
+def soft_target_ce(logits, target):
+    # timm SoftTargetCrossEntropy: mean over rows of -sum(target * log_softmax)
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def naive_multi_label(image_feat, text_feat, scale, rank=0, world=1, gathered_txt=None,
+                      gathered_img=None):
+    """Official construction: dense one-hot over the world axis times per-sample 1/L weights."""
+    B, L1, _ = image_feat.shape
+    L2 = text_feat.shape[1]
+    img = F.normalize(image_feat.double(), dim=-1)
+    txt = F.normalize(text_feat.double(), dim=-1)
+    image_x = img.reshape(B * L1, -1)
+    text_x = txt.reshape(B * L2, -1)
+    all_txt = text_x if gathered_txt is None else gathered_txt(text_x)
+    all_img = image_x if gathered_img is None else gathered_img(image_x)
+    logits_img = image_x @ all_txt.t() * scale
+    logits_txt = text_x @ all_img.t() * scale
+    eye = torch.eye(B, dtype=torch.float64)
+    # [B,L1,B,L2,W]
+    lab_img = F.one_hot(torch.full((B, L1, B, L2), rank, dtype=torch.long), world).double()
+    lab_img = lab_img * (torch.ones(B, L1, 1, L2, 1, dtype=torch.float64) / L2) \
+        * eye[:, None, :, None, None]
+    lab_img = lab_img.permute(0, 1, 4, 2, 3).reshape(B * L1, world * B * L2)  # (b1 l1)(w b2 l2)
+    # [B,L2,B,L1,W]
+    lab_txt = F.one_hot(torch.full((B, L2, B, L1), rank, dtype=torch.long), world).double()
+    lab_txt = lab_txt * (torch.ones(B, L2, 1, L1, 1, dtype=torch.float64) / L1) \
+        * eye[:, None, :, None, None]
+    lab_txt = lab_txt.permute(0, 1, 4, 2, 3).reshape(B * L2, world * B * L1)
+    return 0.5 * (soft_target_ce(logits_img, lab_img) + soft_target_ce(logits_txt, lab_txt))
+
+
+def naive_image_text(image_x, text_x, scale, rank=0, gather=None):
+    img = F.normalize(image_x.double(), dim=-1)
+    txt = F.normalize(text_x.double(), dim=-1)
+    all_txt = txt if gather is None else gather(txt)
+    all_img = img if gather is None else gather(img)
+    B = img.shape[0]
+    labels = torch.arange(B) + rank * B
+    li = img @ all_txt.t() * scale
+    lt = txt @ all_img.t() * scale
+    return 0.5 * (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels))
+
+
+@pytest.fixture(autouse=True)
+def _reset_chunk():
+    yield
+    set_loss_chunk_size(None)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3, 64])
+def test_image_text_loss_matches_naive(chunk):
+    g = torch.Generator().manual_seed(0)
+    B, D = 7, 16
+    img = torch.randn(B, D, generator=g, requires_grad=True)
+    txt = torch.randn(B, D, generator=g, requires_grad=True)
+    scale = torch.tensor(14.285, requires_grad=True)
+    out = image_text_loss(img, txt, scale, chunk_size=chunk)
+    ref = naive_image_text(img, txt, scale.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    go = torch.autograd.grad(out, (img, txt, scale))
+    gr = torch.autograd.grad(ref, (img, txt, scale))
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("L1,L2,chunk", [(1, 3, 0), (1, 3, 2), (2, 3, 0), (2, 3, 5), (1, 1, 1)])
+def test_multi_label_loss_matches_naive(L1, L2, chunk):
+    g = torch.Generator().manual_seed(1)
+    B, D = 5, 12
+    img = torch.randn(B, L1, D, generator=g, requires_grad=True)
+    txt = torch.randn(B, L2, D, generator=g, requires_grad=True)
+    scale = torch.tensor(20.0, requires_grad=True)
+    out = multi_label_loss(img, txt, scale, chunk_size=chunk)
+    ref = naive_multi_label(img, txt, scale.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    go = torch.autograd.grad(out, (img, txt, scale))
+    gr = torch.autograd.grad(ref, (img, txt, scale))
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_losses_with_simulated_world(monkeypatch, chunk):
+    """Rank 1 of world 3: local rows are scored against gathered columns and the targets sit at
+    the rank's offset (the gather is simulated with fixed other-rank features)."""
+    g = torch.Generator().manual_seed(2)
+    B, L2, D, W, rank = 3, 2, 8, 3, 1
+    others = {}
+
+    def fake_gather(x):
+        key = tuple(x.shape)
+        if key not in others:
+            others[key] = [torch.randn(x.shape, generator=g, dtype=torch.float64)
+                           for _ in range(W - 1)]
+        o = [t.to(x.dtype) for t in others[key]]
+        return torch.cat(o[:rank] + [x] + o[rank:], dim=0)
+
+    monkeypatch.setattr(losses, "gather_with_grad", fake_gather)
+    monkeypatch.setattr(losses, "get_rank", lambda: rank)
+    img = torch.randn(B, 1, D, generator=g)
+    txt = torch.randn(B, L2, D, generator=g)
+    scale = torch.tensor(10.0)
+    out = multi_label_loss(img, txt, scale, chunk_size=chunk)
+    ref = naive_multi_label(img, txt, 10.0, rank=rank, world=W, gathered_txt=fake_gather,
+                            gathered_img=fake_gather)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    out = image_text_loss(img[:, 0], txt[:, 0], scale, chunk_size=chunk)
+    ref = naive_image_text(img[:, 0], txt[:, 0], 10.0, rank=rank, gather=fake_gather)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_row_lse_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, s: row_logsumexp(a, b, s, chunk=2), (a, b, s))
+    torch.testing.assert_close(row_logsumexp(a, b, s, chunk=2),
+                               torch.logsumexp(a @ b.t() * s, dim=1))
+
+
+def test_auto_chunking_and_setter(monkeypatch):
+    assert losses._pick_chunk(8, 8, None) == 0
+    monkeypatch.setattr(losses, "CHUNK_THRESHOLD", 10)
+    monkeypatch.setattr(losses, "CHUNK_ELEMS", 16)
+    assert losses._pick_chunk(8, 8, None) == 2
+    set_loss_chunk_size(0)
+    assert losses._pick_chunk(8, 8, None) == 0
+    assert losses._pick_chunk(8, 8, 3) == 3
+    with pytest.raises(ValueError):
+        set_loss_chunk_size(-1)
+
+
+def test_chunked_path_bounds_live_logits(monkeypatch):
+    """The chunked forward never calls mm with more than `chunk` rows of the [M,N] product."""
+    sizes = []
+    real_mm = torch.mm
+
+    def spy(a, b):
+        sizes.append(a.shape[0] * b.shape[1])
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    a = torch.randn(64, 8)
+    b = torch.randn(100, 8)
+    row_logsumexp(a, b, torch.tensor(2.0), chunk=4)
+    assert sizes and max(sizes) == 4 * 100
+
+
+def test_losses_under_bf16_autocast_stay_fp32():
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(6, 1, 32, generator=g)
+    txt = torch.randn(6, 3, 32, generator=g)
+    ref = naive_multi_label(img, txt, 50.0)
+    for chunk in (0, 2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = multi_label_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(50.0),
+                                   chunk_size=chunk)
+        assert out.dtype == torch.float32
+        # only the bf16 rounding of the *inputs* remains
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = image_text_loss(img[:, 0], txt[:, 0], torch.tensor(50.0))
+    assert out.dtype == torch.float32
+
+
+def test_loss_shape_errors():
+    with pytest.raises(ValueError, match="image_text_loss"):
+        image_text_loss(torch.randn(3, 4), torch.randn(2, 4), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="multi_label_loss"):
+        multi_label_loss(torch.randn(3, 4), torch.randn(3, 2, 4), torch.tensor(1.0))
+
+
+def test_model_losses_use_clamped_scale():
+    """MultiLabelContrastive.loss / multi_label_loss wire the clamped scales into these."""
+    from groupvit_fast.models import MultiLabelContrastive
+    m = MultiLabelContrastive(
+        dict(type="GroupViT", img_size=32, patch_size=16, embed_dim=64, depths=[1, 1, 1],
+             num_heads=[1, 1, 1], num_group_tokens=[4, 2, 0], num_output_groups=[4, 2]),
+        dict(type="TextTransformer", context_length=8, width=64, layers=1, vocab_size=100),
+        output_dim=16, multi_label=2)
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)  # exp(10) is clamped to 100
+    g = torch.Generator().manual_seed(5)
+    ix, tx = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    torch.testing.assert_close(m.loss(ix, tx).double(), naive_image_text(ix, tx, 100.0),
+                               rtol=1e-5, atol=1e-6)
+    it, tt = torch.randn(4, 1, 16, generator=g), torch.randn(4, 2, 16, generator=g)
+    s = float(torch.exp(torch.tensor(1 / 0.07).log()))
+    torch.testing.assert_close(m.multi_label_loss(it, tt).double(), naive_multi_label(it, tt, s),
+                               rtol=1e-5, atol=1e-6)
