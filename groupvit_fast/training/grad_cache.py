@@ -319,6 +319,11 @@ def _backward_plan(engine, a: int, backward_fn):
 
     bw = backward_fn if backward_fn is not None else \
         (lambda s: engine.backward(s, scale_wrt_gas=False))
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
+    if stage >= 3:
+        # ZeRO-3 partitions the head parameters outside forward, so the <p, g_p> surrogate term
+        # cannot be formed; stages 0-2 are tested
+        raise NotImplementedError("grad_cache_step: ZeRO stage 3 is not supported; use stage 0-2")
     managed = getattr(engine, "managed_gradient_accumulation", lambda: True)()
     gas = engine.gradient_accumulation_steps()
     if not managed:
