@@ -125,6 +125,17 @@ def _legend(class_names: Sequence[str], present: Sequence[int], palette: np.ndar
     return im
 
 
+def draw_boundaries(image: np.ndarray, labels: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:
+    """Mark pixels whose right or lower neighbour has another label (readable on busy images)."""
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    out = np.array(image, copy=True)
+    out[edge] = colour
+    return out
+
+
 def render_panel(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                  groups: Optional[Sequence[np.ndarray]] = None, with_bg: bool = False,
                  num_groups: Optional[Sequence[int]] = None, max_side: int = 512):
@@ -134,12 +145,14 @@ def render_panel(image: np.ndarray, labels: np.ndarray, class_names: Sequence[st
     image = np.asarray(image)
     H, W = labels.shape
     pal = class_palette(len(class_names), with_bg)
-    pred = draw_labels(blend(image, labels, pal, 0.5, with_bg), labels, class_names, with_bg)
+    pred = draw_labels(draw_boundaries(blend(image, labels, pal, 0.5, with_bg), labels), labels,
+                       class_names, with_bg)
     tiles = [('input', image), ('prediction', pred)]
     if groups:
         ng = list(num_groups) if num_groups else [int(g.max()) + 1 for g in groups]
         for s, (g, gp) in enumerate(zip(groups, group_palettes(ng))):
-            tiles.append((f'stage-{s + 1} groups ({ng[s]})', blend(image, g, gp, 0.5, False)))
+            tiles.append((f'stage-{s + 1} groups ({ng[s]})',
+                          draw_boundaries(blend(image, g, gp, 0.5, False), g)))
     scale = min(1.0, max_side / max(H, W))
     tw, th = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
     font = _font(14)
