@@ -1,0 +1,346 @@
+"""State-dict conversion between the official NVlabs/GroupViT layout and Hugging Face
+transformers' ``GroupViTModel`` (spec: interop_hf.md §4-§5).
+
+Both directions are driven by one table of key templates, so the inverse cannot drift from the
+forward mapping. Three kinds of entries need tensor surgery:
+
+* ``fused``: the official fused ``attn.qkv`` (vision) and ``attn.in_proj_*`` (text) rows are
+  q|k|v; HF keeps three separate projections. Heads are contiguous inside each of q, k, v in
+  both layouts, so a plain row split/concat is exact (no per-head permutation).
+* ``conv1d``: the official projector uses 1×1 Conv1d weights [out,in,1]; HF uses Linear
+  [out,in]. Only weights change rank, biases are 1-D in both.
+* scalars without counterpart: ``multi_label_logit_scale`` (official only) and the
+  ``text_model.embeddings.position_ids`` buffer (HF only, non-persistent in recent versions).
+
+CLI::
+
+    python -m groupvit_fast.convert IN OUT --to hf|official
+    groupvit-convert IN OUT --to hf        # same, console script
+
+``OUT`` ending in ``.safetensors`` is written with safetensors (if installed), anything else
+with ``torch.save``. Official output is wrapped as ``{'model': state_dict}`` (the layout the
+official loader reads); HF output is a flat state dict for ``GroupViTModel.load_state_dict``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = ["official_to_hf", "hf_to_official", "detect_layout", "ConversionError",
+           "OFFICIAL_PREFIXES", "HF_PREFIXES", "main"]
+
+OFFICIAL_PREFIXES = ("img_encoder.", "text_encoder.", "img_projector.", "text_projector.")
+HF_PREFIXES = ("vision_model.", "text_model.", "visual_projection.", "text_projection.")
+HF_POSITION_IDS = "text_model.embeddings.position_ids"
+MULTI_LABEL_SCALE = "multi_label_logit_scale"
+
+
+class ConversionError(ValueError):
+    """A state dict that cannot be converted (unknown keys, incomplete fused projections,
+    unexpected tensor ranks). The message lists every offending key at once."""
+
+
+# --------------------------------------------------------------------------------------------
+# Key table: (official template, HF template, kind). Placeholders: {s} stage, {l} block,
+# {n} text layer, {p} weight|bias, {rest} any suffix. Order matters: specific entries first
+# (e.g. the pre-assign cross-attention ``attn.proj`` before the generic ``downsample.{rest}``).
+# --------------------------------------------------------------------------------------------
+_V = "vision_model.encoder.stages.{s}"
+_T = "text_model.encoder.layers.{n}"
+_R = "text_encoder.transformer.resblocks.{n}"
+_TABLE: List[Tuple[str, str, str]] = [
+    ("logit_scale", "logit_scale", "plain"),
+    # vision embeddings / final norm
+    ("img_encoder.pos_embed", "vision_model.embeddings.position_embeddings", "plain"),
+    ("img_encoder.patch_embed.proj.{p}",
+     "vision_model.embeddings.patch_embeddings.projection.{p}", "plain"),
+    ("img_encoder.patch_embed.norm.{p}", "vision_model.embeddings.layernorm.{p}", "plain"),
+    ("img_encoder.norm.{p}", "vision_model.layernorm.{p}", "plain"),
+    # vision stages
+    ("img_encoder.layers.{s}.group_token", _V + ".group_token", "plain"),
+    ("img_encoder.layers.{s}.blocks.{l}.norm1.{p}", _V + ".layers.{l}.layer_norm1.{p}", "plain"),
+    ("img_encoder.layers.{s}.blocks.{l}.attn.qkv.{p}", _V + ".layers.{l}.self_attn.{qkv}_proj.{p}",
+     "fused"),
+    ("img_encoder.layers.{s}.blocks.{l}.attn.proj.{p}", _V + ".layers.{l}.self_attn.out_proj.{p}",
+     "plain"),
+    ("img_encoder.layers.{s}.blocks.{l}.norm2.{p}", _V + ".layers.{l}.layer_norm2.{p}", "plain"),
+    ("img_encoder.layers.{s}.blocks.{l}.mlp.{fc}.{p}", _V + ".layers.{l}.mlp.{fc}.{p}", "plain"),
+    ("img_encoder.layers.{s}.downsample.pre_assign_attn.attn.proj.{p}",
+     _V + ".downsample.pre_assign_attn.attn.out_proj.{p}", "plain"),
+    ("img_encoder.layers.{s}.downsample.{rest}", _V + ".downsample.{rest}", "plain"),
+    ("img_encoder.layers.{s}.group_projector.{rest}", _V + ".group_projector.{rest}", "plain"),
+    # text encoder
+    ("text_encoder.token_embedding.weight", "text_model.embeddings.token_embedding.weight",
+     "plain"),
+    # official: bare Parameter [L,W]; HF: nn.Embedding weight of the same shape
+    ("text_encoder.positional_embedding", "text_model.embeddings.position_embedding.weight",
+     "plain"),
+    (_R + ".attn.in_proj_{p}", _T + ".self_attn.{qkv}_proj.{p}", "fused"),
+    (_R + ".attn.out_proj.{p}", _T + ".self_attn.out_proj.{p}", "plain"),
+    (_R + ".ln_1.{p}", _T + ".layer_norm1.{p}", "plain"),
+    (_R + ".ln_2.{p}", _T + ".layer_norm2.{p}", "plain"),
+    (_R + ".mlp.c_fc.{p}", _T + ".mlp.fc1.{p}", "plain"),
+    (_R + ".mlp.c_proj.{p}", _T + ".mlp.fc2.{p}", "plain"),
+    ("text_encoder.ln_final.{p}", "text_model.final_layer_norm.{p}", "plain"),
+    # projection heads: official Sequential(Conv1d, BN, ReLU) + Conv1d -> HF Sequential 0..3
+    ("img_projector.linear_hidden.0.{p}", "visual_projection.0.{p}", "conv1d"),
+    ("img_projector.linear_hidden.1.{bn}", "visual_projection.1.{bn}", "plain"),
+    ("img_projector.linear_out.{p}", "visual_projection.3.{p}", "conv1d"),
+    ("text_projector.linear_hidden.0.{p}", "text_projection.0.{p}", "conv1d"),
+    ("text_projector.linear_hidden.1.{bn}", "text_projection.1.{bn}", "plain"),
+    ("text_projector.linear_out.{p}", "text_projection.3.{p}", "conv1d"),
+]
+
+_GROUPS = {
+    "s": r"\d+", "l": r"\d+", "n": r"\d+", "p": r"weight|bias", "fc": r"fc1|fc2",
+    "qkv": r"q|k|v", "rest": r".+",
+    "bn": r"weight|bias|running_mean|running_var|num_batches_tracked",
+}
+
+
+def _compile(template: str) -> "re.Pattern[str]":
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{_GROUPS[m.group(1)]})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+_COMPILED = [(_compile(o), _compile(h), o, h, kind) for o, h, kind in _TABLE]
+
+
+def detect_layout(keys) -> Optional[str]:
+    """'official', 'hf' or None, from the key prefixes of a (full-model) state dict."""
+    keys = list(keys)
+    n_off = sum(k.startswith(OFFICIAL_PREFIXES) for k in keys)
+    n_hf = sum(k.startswith(HF_PREFIXES) or k == HF_POSITION_IDS for k in keys)
+    if n_off and n_hf:
+        raise ConversionError(
+            f"state dict mixes official keys ({n_off}, e.g. "
+            f"{next(k for k in keys if k.startswith(OFFICIAL_PREFIXES))!r}) and HF keys "
+            f"({n_hf}, e.g. {next(k for k in keys if k.startswith(HF_PREFIXES))!r})")
+    if n_off:
+        return "official"
+    if n_hf:
+        return "hf"
+    return None
+
+
+def _fmt(template: str, groups: Mapping[str, str]) -> str:
+    return template.format(**groups)
+
+
+def _list(keys, limit=20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _squeeze_conv(key: str, t: torch.Tensor, bad: List[str]) -> torch.Tensor:
+    if key.endswith("weight"):
+        if t.ndim == 3 and t.shape[-1] == 1:
+            return t[..., 0].clone()  # [out,in,1] -> [out,in]
+        if t.ndim == 2:  # already Linear-shaped (e.g. a squeezed export); accept as-is
+            return t
+        bad.append(f"{key}: expected a 1x1 Conv1d weight [out,in,1], found {list(t.shape)}")
+    return t
+
+
+def _unsqueeze_conv(key: str, t: torch.Tensor, bad: List[str]) -> torch.Tensor:
+    if key.endswith("weight"):
+        if t.ndim == 2:
+            return t.unsqueeze(-1).clone()  # [out,in] -> [out,in,1]
+        bad.append(f"{key}: expected a Linear weight [out,in], found {list(t.shape)}")
+    return t
+
+
+def official_to_hf(sd: Mapping[str, torch.Tensor], *, position_ids: bool = False,
+                   strict: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """Official ``MultiLabelContrastive`` state dict -> HF ``GroupViTModel`` state dict.
+
+    ``multi_label_logit_scale`` has no HF counterpart and is dropped. ``position_ids=True`` adds
+    the ``text_model.embeddings.position_ids`` buffer [1, context_length] that transformers
+    releases before it became non-persistent expect; recent releases reject it as unexpected.
+    Unknown keys raise one ``ConversionError`` (``strict=False`` drops them instead).
+    """
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    unknown, bad = [], []
+    for key, t in sd.items():
+        if key == MULTI_LABEL_SCALE:
+            continue
+        for o_re, _h_re, _o, h_tpl, kind in _COMPILED:
+            m = o_re.match(key)
+            if m is None:
+                continue
+            g = m.groupdict()
+            if kind == "fused":
+                if t.shape[0] % 3:
+                    bad.append(f"{key}: fused q|k|v rows must be divisible by 3, found "
+                               f"{list(t.shape)}")
+                    break
+                d = t.shape[0] // 3
+                # rows [0:D] -> q, [D:2D] -> k, [2D:3D] -> v
+                for i, name in enumerate("qkv"):
+                    out[_fmt(h_tpl, dict(g, qkv=name))] = t[i * d:(i + 1) * d].clone()
+            elif kind == "conv1d":
+                out[_fmt(h_tpl, g)] = _squeeze_conv(key, t, bad)
+            else:
+                out[_fmt(h_tpl, g)] = t
+            break
+        else:
+            unknown.append(key)
+    if bad:
+        raise ConversionError("official_to_hf: unexpected tensor shapes: " + "; ".join(bad))
+    if unknown and strict:
+        raise ConversionError(f"official_to_hf: {len(unknown)} key(s) have no HF counterpart: "
+                              f"{_list(unknown)}")
+    if position_ids:
+        pe = out.get("text_model.embeddings.position_embedding.weight")
+        if pe is None:
+            raise ConversionError("official_to_hf: position_ids=True needs "
+                                  "text_encoder.positional_embedding to know the context length")
+        out[HF_POSITION_IDS] = torch.arange(pe.shape[0], dtype=torch.long).unsqueeze(0)
+    return out
+
+
+_OFFICIAL_ORDER = ("logit_scale", MULTI_LABEL_SCALE, "img_encoder.", "text_encoder.",
+                   "img_projector.", "text_projector.")
+
+
+def _official_rank(key: str) -> int:
+    for i, p in enumerate(_OFFICIAL_ORDER):
+        if key == p or (p.endswith(".") and key.startswith(p)):
+            return i
+    return len(_OFFICIAL_ORDER)
+
+
+def hf_to_official(sd: Mapping[str, torch.Tensor], *,
+                   multi_label_logit_scale=None,
+                   strict: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """HF ``GroupViTModel`` state dict -> official ``MultiLabelContrastive`` state dict (§5).
+
+    q/k/v projections are concatenated (rows q|k|v) into ``attn.qkv`` / ``attn.in_proj_*``,
+    projector Linear weights become [out,in,1], ``position_ids`` is dropped.
+    HF checkpoints carry no ``multi_label_logit_scale``; pass a value (float or 0-dim tensor)
+    to add one, otherwise an official model with ``multi_label>0`` keeps its initial value.
+    Keys come out in the official state_dict order of top-level blocks (§7.2).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    fused: Dict[str, Dict[str, torch.Tensor]] = {}
+    first_seen: Dict[str, int] = {}
+    unknown, bad = [], []
+    for idx, (key, t) in enumerate(sd.items()):
+        if key == HF_POSITION_IDS:
+            continue
+        for _o_re, h_re, o_tpl, _h, kind in _COMPILED:
+            m = h_re.match(key)
+            if m is None:
+                continue
+            g = m.groupdict()
+            if kind == "fused":
+                okey = _fmt(o_tpl, g)
+                fused.setdefault(okey, {})[g["qkv"]] = t
+                first_seen.setdefault(okey, idx)
+            elif kind == "conv1d":
+                okey = _fmt(o_tpl, g)
+                out[okey] = _unsqueeze_conv(key, t, bad)
+                first_seen[okey] = idx
+            else:
+                okey = _fmt(o_tpl, g)
+                if okey in out:
+                    bad.append(f"{key}: maps onto {okey}, which another key already produced")
+                out[okey] = t
+                first_seen[okey] = idx
+            break
+        else:
+            unknown.append(key)
+    for okey, parts in fused.items():
+        missing = [n for n in "qkv" if n not in parts]
+        if missing:
+            bad.append(f"{okey}: needs q, k and v projections, missing {missing}")
+            continue
+        shapes = {n: list(parts[n].shape) for n in "qkv"}
+        if len({tuple(s) for s in shapes.values()}) != 1:
+            bad.append(f"{okey}: q/k/v shapes differ {shapes}")
+            continue
+        out[okey] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if bad:
+        raise ConversionError("hf_to_official: " + "; ".join(bad))
+    if unknown and strict:
+        raise ConversionError(f"hf_to_official: {len(unknown)} key(s) have no official "
+                              f"counterpart: {_list(unknown)}")
+    if multi_label_logit_scale is not None:
+        ref = out.get("logit_scale")
+        v = torch.as_tensor(multi_label_logit_scale,
+                            dtype=ref.dtype if ref is not None else torch.float32)
+        out[MULTI_LABEL_SCALE] = v.reshape([]).clone()
+        first_seen[MULTI_LABEL_SCALE] = -1
+    keys = sorted(out, key=lambda k: (_official_rank(k), first_seen.get(k, 0)))
+    return OrderedDict((k, out[k]) for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _save(obj, path: str):
+    from .checkpoint import atomic_save
+    atomic_save(obj, path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="groupvit-convert",
+        description="Convert GroupViT checkpoints between the official NVlabs layout and HF "
+                    "transformers' GroupViTModel. Input: official .pth (OmegaConf config is "
+                    "read safely, no omegaconf needed), HF .bin/.pt/.safetensors, or a HF model "
+                    "directory containing one of those.")
+    p.add_argument("input")
+    p.add_argument("output", help="output file; .safetensors uses safetensors, else torch.save")
+    p.add_argument("--to", required=True, choices=["hf", "official"])
+    p.add_argument("--position-ids", action="store_true",
+                   help="(--to hf) also write text_model.embeddings.position_ids, for "
+                        "transformers releases where it is a persistent buffer")
+    p.add_argument("--multi-label-logit-scale", type=float, default=None,
+                   help="(--to official) value for multi_label_logit_scale, absent in HF files")
+    args = p.parse_args(argv)
+
+    from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+    try:
+        obj = read_checkpoint(args.input)
+        sd = extract_state_dict(obj, source=args.input)
+        layout = detect_layout(sd.keys())
+        if layout is None:
+            raise ConversionError(f"{args.input}: neither official (img_encoder.*, ...) nor HF "
+                                  f"(vision_model.*, ...) GroupViT keys; first keys: "
+                                  f"{_list(list(sd)[:5])}")
+        if args.to == "hf":
+            if layout == "hf":
+                raise ConversionError(f"{args.input} is already in the HF layout")
+            out = official_to_hf(sd, position_ids=args.position_ids)
+        else:
+            if layout == "official":
+                raise ConversionError(f"{args.input} is already in the official layout")
+            out = hf_to_official(sd, multi_label_logit_scale=args.multi_label_logit_scale)
+            if not args.output.endswith(".safetensors"):
+                out = {"model": out}  # what the official loader reads (ref §7.1)
+        _save(out, args.output)
+    except (CheckpointError, ConversionError, OSError) as e:
+        print(f"groupvit-convert: error: {e}", file=sys.stderr)
+        return 1
+    n = len(out["model"]) if "model" in out else len(out)
+    print(f"groupvit-convert: {args.input} ({layout}, {len(sd)} tensors) -> {args.output} "
+          f"({args.to}, {n} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
