@@ -1,0 +1,78 @@
+"""Data configuration.  Defaults are the released GroupViT recipe (ref §6.2-§6.4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+from .synthetic import SyntheticConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    #: webdataset shards: list, glob, directory or brace pattern; None = the embedded synthetic set
+    shards: Optional[Union[str, List[str]]] = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    #: where the synthetic shards (and filtered DALI indices) are cached; None = ~/.cache/groupvit_fast
+    cache_dir: Optional[str] = None
+    #: 'auto' (DALI when importable, else torch) | 'dali' | 'torch'
+    loader: str = "auto"
+    #: DALI decode device: 'auto' (mixed = nvJPEG when CUDA is available, else cpu) | 'cpu' | 'mixed'
+    dali_device: str = "auto"
+    image_size: int = 224
+    # RandomResizedCrop (timm/torchvision semantics)
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    # RandAugment 'rand-m9-mstd0.5-inc1': n=2 ops, magnitude 9 of 10
+    randaugment: bool = True
+    randaugment_n: int = 2
+    randaugment_m: int = 9
+    # RandomErasing mode 'pixel', count 1, area 0.02-1/3, log-aspect 0.3-3.3
+    erasing_p: float = 0.25
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    #: K multi-label prompts per caption (texts [B, 1+K, 77]); 0 = caption only ([B, 77])
+    multi_label: int = 3
+    context_length: int = 77
+    #: sample shuffle buffer (DALI initial_fill); the torch loader shuffles globally
+    shuffle_buffer: int = 10000
+    #: DALI CPU threads / torch DataLoader workers
+    num_threads: int = 2
+    #: samples per epoch over all ranks (the official per-dataset lengths); None = count the shards
+    length: Optional[int] = None
+    #: decode-check every image when the loader is built (slow; make_shards already validates)
+    validate_images: bool = False
+    #: eval transform: resize the shorter side to image_size * eval_resize_ratio, centre-crop
+    eval_resize_ratio: float = 256 / 224
+
+    def __post_init__(self):
+        if self.loader not in ("auto", "dali", "torch"):
+            raise ValueError(f"DataConfig.loader must be 'auto', 'dali' or 'torch', got {self.loader!r}")
+        if self.dali_device not in ("auto", "cpu", "mixed"):
+            raise ValueError(f"DataConfig.dali_device must be 'auto', 'cpu' or 'mixed', got {self.dali_device!r}")
+        if isinstance(self.synthetic, dict):
+            self.synthetic = SyntheticConfig(**self.synthetic)
+        self.crop_scale = tuple(self.crop_scale)
+        self.crop_ratio = tuple(self.crop_ratio)
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"DataConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0 <= self.erasing_p <= 1 or not 0 <= self.hflip <= 1:
+            raise ValueError("DataConfig.erasing_p and hflip are probabilities in [0, 1]")
+        if self.randaugment and not 0 <= self.randaugment_m <= 10:
+            raise ValueError(f"DataConfig.randaugment_m is on timm's 0..10 scale, got {self.randaugment_m}")
+
+    @classmethod
+    def synthetic_recipe(cls, **overrides) -> "DataConfig":
+        """Suggested settings for the embedded 64x64 scenes: the official crop (scale down to 0.08)
+        would often cut every named object out of a small scene, so crops stay large; RandAugment
+        and erasing are off (they would also hide or distort the few objects)."""
+        syn = overrides.pop("synthetic", None) or SyntheticConfig()
+        if isinstance(syn, dict):
+            syn = SyntheticConfig(**syn)
+        kw = dict(synthetic=syn, image_size=syn.image_size, crop_scale=(0.7, 1.0),
+                  randaugment=False, erasing_p=0.0)
+        kw.update(overrides)
+        return cls(**kw)
