@@ -190,6 +190,11 @@ def _read_safetensors(path: str, map_location) -> dict:
                 out[k] = fh.get_tensor(k)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    order = meta.get("groupvit_fast_order")
+    if order:
+        order = [k for k in json.loads(order) if k in out]
+        out = OrderedDict([(k, out[k]) for k in order] +
+                          [(k, v) for k, v in out.items() if k not in set(order)])
     extra = meta.get("groupvit_fast_extra")
     if extra:
         return {"model": out, **json.loads(extra)}
@@ -649,7 +654,8 @@ def atomic_save(obj, path: PathLike):
             tensors, extra = obj["model"], {k: _plain(v) for k, v in obj.items() if k != "model"}
         else:
             tensors, extra = obj, {}
-        meta = {"format": "pt"}
+        # safetensors stores keys sorted; keep the state_dict order for readers of ours
+        meta = {"format": "pt", "groupvit_fast_order": json.dumps(list(tensors))}
         if extra:
             try:
                 meta["groupvit_fast_extra"] = json.dumps(extra)
