@@ -159,45 +159,19 @@ def build_dataset(name: str, data_root=None, **kw):
                      f"{sorted(DATASET_READERS) + ['synthetic']}")
 
 
-def _synthetic(data_root=None, **kw):
+def _synthetic(data_root=None, split: str = 'val', **kw):
+    """The data teammate's registry entry: ``build(root, split, **kw)`` returns (image, mask)
+    pairs with ``class_names`` ('background' first) and ``bg_thresh``; ``data_root`` is its
+    cache folder (None: the default cache)."""
     try:
-        from groupvit_fast.data.registry import DATASETS  # the data teammate's registry
+        from groupvit_fast.data.registry import DATASETS
     except ImportError as e:
         raise RuntimeError("dataset 'synthetic' needs groupvit_fast.data.registry, which is not "
                            f"importable: {e}") from None
     if 'synthetic' not in DATASETS:
         raise RuntimeError("groupvit_fast.data.registry.DATASETS has no 'synthetic' entry")
     entry = DATASETS['synthetic']
-    return wrap_registry_entry(entry, data_root=data_root, **kw)
-
-
-def wrap_registry_entry(entry, data_root=None, split: str = 'val', **kw):
-    """Adapt a data-registry entry to the evaluator's dataset protocol.
-
-    Accepted shapes: a callable returning a dataset, or an object/dict with ``build(...)`` /
-    ``dataset`` plus ``class_names`` and optionally ``bg_thresh``.
-    """
-    ds = entry
-    get = (lambda k, d=None: entry.get(k, d)) if isinstance(entry, dict) else (lambda k, d=None: getattr(entry, k, d))
-    builder = get('build') or (entry if callable(entry) and not hasattr(entry, '__getitem__') else None)
-    if builder is not None:
-        try:
-            ds = builder(root=data_root, split=split, **kw)
-        except TypeError:
-            ds = builder(split=split, **kw) if data_root is None else builder(data_root, split=split, **kw)
-    elif get('dataset') is not None:
-        ds = get('dataset')
-    names = getattr(ds, 'class_names', None) or get('class_names')
-    if names is None:
-        raise RuntimeError('synthetic dataset exposes no class_names')
-    bg = getattr(ds, 'bg_thresh', None)
-    if bg is None:
-        bg = get('bg_thresh')
-    if hasattr(ds, '__getitem__') and hasattr(ds, '__len__') and hasattr(ds, 'class_names'):
-        if getattr(ds, 'bg_thresh', None) is None and bg is not None:
-            try:
-                ds.bg_thresh = bg
-            except AttributeError:
-                return ArrayDataset(ds, names, bg, name='synthetic')
-        return ds
-    return ArrayDataset(ds, names, bg, name='synthetic')
+    ds = entry.build(root=data_root, split=split, **kw)
+    if getattr(ds, 'class_names', None) is None:
+        return ArrayDataset(ds, entry.class_names, entry.bg_thresh, name='synthetic')
+    return ds

@@ -96,6 +96,42 @@ def evaluate_dataset(segment_fn, dataset, num_classes: Optional[int] = None, *,
     return out
 
 
+DEFAULT_BG_CANDIDATES = (0.05, 0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def select_bg_thresh(segmenter, dataset, candidates: Sequence[float] = DEFAULT_BG_CANDIDATES, *,
+                     images_per_batch: int = 4, limit: Optional[int] = None,
+                     progress: bool = False) -> Dict:
+    """Choose the background threshold with the best mIoU on a validation split.
+
+    One encoder pass per image serves every candidate (only the background channel depends on
+    the threshold). Sharded and all-reduced like evaluate_dataset. Returns
+    {'bg_thresh': best, 'mIoU_by_thresh': {thr: mIoU}}; ties go to the smaller threshold.
+    """
+    names = list(dataset.class_names)
+    rank, world = _dist_info()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = list(range(rank, n, world))
+    accs = [IoUAccumulator(len(names)) for _ in candidates]
+    step = max(1, images_per_batch)
+    for k in _progress(range(0, len(mine), step), (len(mine) + step - 1) // step,
+                       progress and rank == 0, 'bg threshold'):
+        samples = [dataset[i] for i in mine[k:k + step]]
+        preds = segmenter.predict_thresholds([s[0] for s in samples], candidates)
+        for acc, per_thr in zip(accs, preds):
+            for (_, mask), p in zip(samples, per_thr):
+                acc.update(p, mask)
+    table = {}
+    for t, acc in zip(candidates, accs):
+        acc.all_reduce()
+        table[float(t)] = acc.summary(names)['mIoU']
+    valid = [(v, -t) for t, v in table.items() if v is not None]
+    if not valid:
+        raise ValueError('select_bg_thresh: no labelled pixels in the validation split')
+    best = -max(valid)[1]
+    return {'bg_thresh': best, 'mIoU_by_thresh': table}
+
+
 # ------------------------------------------------------------------------------------ CLI
 def _init_distributed():
     """Join the process group a launcher describes (RANK/WORLD_SIZE/MASTER_*); returns device."""
@@ -113,30 +149,26 @@ def _init_distributed():
 
 
 def load_model(checkpoint: str, device='cpu'):
-    """A MultiLabelContrastive with weights from ``checkpoint`` (groupvit_fast.load_checkpoint),
-    in eval mode. Raises a clear error when the checkpoint has no text encoder."""
-    if not os.path.isfile(checkpoint):
+    """A MultiLabelContrastive with weights from ``checkpoint`` (groupvit_fast.load_checkpoint:
+    official .pth, our saves, HF files/directories), in eval mode on ``device``.
+    A checkpoint without the text encoder is refused with one clear message."""
+    if not os.path.exists(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    try:
-        from groupvit_fast.checkpoint import load_checkpoint
-    except ImportError as e:
-        raise RuntimeError(f'groupvit_fast.checkpoint is not available ({e})') from None
-    model = load_checkpoint(checkpoint, map_location='cpu') if _accepts(load_checkpoint, 'map_location') \
-        else load_checkpoint(checkpoint)
-    if isinstance(model, tuple):
-        model = model[0]
-    if isinstance(model, dict) and 'model' in model:
-        model = model['model']
+    from groupvit_fast.checkpoint import (extract_state_dict, load_checkpoint, read_checkpoint,
+                                          to_official_state_dict)
+    sd, _ = to_official_state_dict(extract_state_dict(read_checkpoint(checkpoint), source=checkpoint),
+                                   source=checkpoint)
+    missing = [p for p in ('img_encoder.', 'text_encoder.', 'img_projector.', 'text_projector.')
+               if not any(k.startswith(p) for k in sd)]
+    if missing:
+        raise ValueError(f'{checkpoint}: no {", ".join(m[:-1] for m in missing)} weights in this '
+                         'checkpoint; zero-shot segmentation needs the full image-text model '
+                         '(image and text encoders with both projectors), e.g. the official '
+                         'group_vit_gcc_yfcc_30e release')
+    del sd
+    model = load_checkpoint(checkpoint, map_location='cpu')
     check_text_encoder(model, checkpoint)
     return model.to(device).eval()
-
-
-def _accepts(fn, name):
-    import inspect
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 def check_text_encoder(model, source: str = 'model') -> None:
@@ -157,8 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mode', default='slide', choices=['slide', 'whole'])
     p.add_argument('--crop', type=int, default=448)
     p.add_argument('--stride', type=int, default=224)
-    p.add_argument('--bg-thresh', type=float, default=None,
-                   help='background threshold (default: VOC 0.95, Context 0.35, COCO-Object 0.95)')
+    p.add_argument('--bg-thresh', default=None,
+                   help="background threshold (default: VOC 0.95, Context 0.35, COCO-Object 0.95; "
+                        "synthetic: 'auto' = best mIoU on its val split, then evaluate on test); "
+                        "'auto' works for any dataset with --val-split")
+    p.add_argument('--split', default=None,
+                   help="synthetic only: split to evaluate (default 'test')")
+    p.add_argument('--val-split', default=None,
+                   help="synthetic only: split that chooses the threshold (default 'val')")
+    p.add_argument('--short-side', type=int, default=448,
+                   help='keep-ratio resize: short side (official 448); 0 keeps the input size')
+    p.add_argument('--long-side', type=int, default=2048)
     p.add_argument('--template', default='simple', help="prompt set: 'simple' (official) or 'subset'")
     p.add_argument('--protocol', default='fast', choices=['fast', 'official'])
     p.add_argument('--batch-size', type=int, default=16, help='windows per encoder call (fast protocol)')
@@ -180,22 +221,49 @@ def main(argv=None) -> int:
 
     device = _init_distributed() if args.device is None else torch.device(args.device)
     rank, world = _dist_info()
-    dataset = build_dataset(args.dataset, args.data_root)
+    synthetic = args.dataset == 'synthetic'
+    if (args.split or args.val_split) and not synthetic:
+        raise SystemExit('--split/--val-split apply to --dataset synthetic only')
+    split_kw = {'split': args.split or 'test'} if synthetic else {}
+    dataset = build_dataset(args.dataset, args.data_root, **split_kw)
     names = list(dataset.class_names)
     bg = args.bg_thresh
+    auto = bg == 'auto' or (bg is None and synthetic)
     if bg is None:
         bg = getattr(dataset, 'bg_thresh', None)
-    if bg is None:
-        bg = BG_THRESH.get(args.dataset, 0.95)
+        if bg is None:
+            bg = BG_THRESH.get(args.dataset, 0.95)
+    elif not auto:
+        try:
+            bg = float(bg)
+        except ValueError:
+            raise SystemExit(f"--bg-thresh: expected a number or 'auto', got {bg!r}") from None
+    img_scale = (args.long_side, args.short_side) if args.short_side > 0 else None
     model = load_model(args.checkpoint, device)
-    seg = ZeroShotSegmenter(model, names, templates=args.template, bg_thresh=bg, mode=args.mode,
-                            crop=args.crop, stride=args.stride, protocol=args.protocol,
-                            batch_size=args.batch_size)
     show = not args.no_progress
     report = {'dataset': args.dataset, 'data_root': args.data_root, 'checkpoint': args.checkpoint,
-              'mode': args.mode, 'crop': args.crop, 'stride': args.stride, 'bg_thresh': bg,
-              'template': args.template, 'protocol': args.protocol, 'world_size': world,
-              'class_names': names}
+              'mode': args.mode, 'crop': args.crop, 'stride': args.stride,
+              'img_scale': img_scale, 'template': args.template, 'protocol': args.protocol,
+              'world_size': world, 'class_names': names}
+    if auto:
+        if not synthetic:
+            raise SystemExit("--bg-thresh auto needs a validation split (--dataset synthetic)")
+        val = build_dataset(args.dataset, args.data_root, split=args.val_split or 'val')
+        probe = ZeroShotSegmenter(model, names, templates=args.template, mode=args.mode,
+                                  crop=args.crop, stride=args.stride, batch_size=args.batch_size,
+                                  img_scale=img_scale)
+        sel = select_bg_thresh(probe, val, images_per_batch=args.images_per_batch,
+                               limit=args.limit, progress=show)
+        bg = sel['bg_thresh']
+        report['bg_selection'] = {'split': args.val_split or 'val', **sel}
+        if rank == 0:
+            print(f"background threshold {bg} chosen on the {args.val_split or 'val'} split")
+    report['bg_thresh'] = bg
+    if synthetic:
+        report['split'] = split_kw['split']
+    seg = ZeroShotSegmenter(model, names, templates=args.template, bg_thresh=bg, mode=args.mode,
+                            crop=args.crop, stride=args.stride, protocol=args.protocol,
+                            batch_size=args.batch_size, img_scale=img_scale)
     res = evaluate_dataset(seg, dataset, len(names), images_per_batch=args.images_per_batch,
                            progress=show, limit=args.limit, desc=f'GroupViT {args.dataset}')
     report['groupvit'] = res

@@ -180,43 +180,55 @@ class ZeroShotSegmenter:
         # official: clamp(exp(logit_scale), max=100)
         return self.model.get_logit_scale().detach()
 
+    def _group_class_probs(self, feat: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+        """Official group->class matrix of one window (ref §5.2 step 3): feat [G,D] projected
+        group tokens, avg [1,D] projected pooled embedding -> P [G,N_fg]."""
+        feat = F.normalize(feat, dim=-1)
+        avg = F.normalize(avg, dim=-1)
+        t = self.text_embedding
+        s = self._logit_scale()
+        aff = (feat @ t.T) * s  # [G,N]
+        pre = F.softmax(aff, dim=-1)
+        avg_aff = F.softmax((avg @ t.T) * s, dim=-1)  # [1,N]
+        mask = torch.zeros_like(avg_aff)
+        top = avg_aff.topk(dim=-1, k=min(5, t.shape[0]))
+        mask.scatter_add_(dim=-1, index=top.indices, src=torch.ones_like(top.values))
+        aff.masked_fill_(~mask.bool(), float('-inf'))
+        aff = F.softmax(aff, dim=-1)
+        aff *= pre
+        return aff
+
+    def _pixel_scores(self, gidx: torch.Tensor, P: torch.Tensor,
+                      bg_thresh: Optional[float] = None) -> torch.Tensor:
+        """Fast steps 4-5: group index map gidx [h,w] + P [G,N] -> scores [C,h,w]. The gather
+        P[g(p)] equals the official one-hot matmul exactly (1·p plus exact zeros)."""
+        off = 1 if self.with_bg else 0
+        h, w = gidx.shape
+        out = torch.zeros(P.shape[1] + off, h, w, device=gidx.device, dtype=torch.float32)
+        out[off:] = P.T[:, gidx]  # [N,h,w]
+        if self.with_bg:
+            thr = min(self.bg_thresh if bg_thresh is None else bg_thresh, P.max().item())
+            out[0, P.max(dim=-1).values[gidx] < thr] = 1
+        return out
+
     def _score_window(self, gmap: torch.Tensor, feat: torch.Tensor, avg: torch.Tensor,
                       fast: bool) -> torch.Tensor:
         """Official encode_decode scoring of one window.
 
         gmap [h,w,G] group map, feat [G,D] projected group tokens, avg [1,D] projected pooled
         embedding. Returns scores [C,h,w] (C = 1 + N_fg with background)."""
-        feat = F.normalize(feat, dim=-1)
-        avg = F.normalize(avg, dim=-1)
-        t = self.text_embedding
-        n_fg = t.shape[0]
-        off = 1 if self.with_bg else 0
-        s = self._logit_scale()
-        aff = (feat @ t.T) * s  # [G,N]
-        pre = F.softmax(aff, dim=-1)
-        avg_aff = F.softmax((avg @ t.T) * s, dim=-1)  # [1,N]
-        mask = torch.zeros_like(avg_aff)
-        top = avg_aff.topk(dim=-1, k=min(5, n_fg))
-        mask.scatter_add_(dim=-1, index=top.indices, src=torch.ones_like(top.values))
-        aff.masked_fill_(~mask.bool(), float('-inf'))
-        aff = F.softmax(aff, dim=-1)
-        aff *= pre  # [G,N]
-        h, w = gmap.shape[:2]
-        out = torch.zeros(n_fg + off, h, w, device=gmap.device, dtype=torch.float32)
+        P = self._group_class_probs(feat, avg)
         if fast:
-            gidx = gmap.argmax(dim=-1)  # [h,w]
-            px = aff.T[:, gidx]  # [N,h,w]; equals (onehot @ aff) exactly
-            out[off:] = px
-            if self.with_bg:
-                thr = min(self.bg_thresh, aff.max().item())
-                out[0, aff.max(dim=-1).values[gidx] < thr] = 1
-        else:
-            onehot = F.one_hot(gmap.argmax(dim=-1), num_classes=gmap.shape[-1]).to(gmap.dtype)
-            px = onehot @ aff  # [h,w,N]
-            out[off:] = px.permute(2, 0, 1)
-            if self.with_bg:
-                thr = min(self.bg_thresh, aff.max().item())
-                out[0, px.max(dim=-1).values < thr] = 1
+            return self._pixel_scores(gmap.argmax(dim=-1), P)
+        off = 1 if self.with_bg else 0
+        h, w = gmap.shape[:2]
+        out = torch.zeros(P.shape[1] + off, h, w, device=gmap.device, dtype=torch.float32)
+        onehot = F.one_hot(gmap.argmax(dim=-1), num_classes=gmap.shape[-1]).to(gmap.dtype)
+        px = onehot @ P  # [h,w,N]
+        out[off:] = px.permute(2, 0, 1)
+        if self.with_bg:
+            thr = min(self.bg_thresh, P.max().item())
+            out[0, px.max(dim=-1).values < thr] = 1
         return out
 
     # ------------------------------------------------------------ official path
@@ -266,35 +278,49 @@ class ZeroShotSegmenter:
         avg = self.model.img_projector(res['x'])  # [B,D]
         return gmaps, feat, avg
 
-    def _fast_predict(self, xs: List[torch.Tensor], oris: List[Tuple[int, int]]) -> List[torch.Tensor]:
-        # every window of every image, in raster order per image
-        jobs = []  # (image index, y1, y2, x1, x2)
+    def _fast_encode(self, xs: List[torch.Tensor]) -> List[list]:
+        """Encoder stage of the fast protocol: per image, a raster-ordered list of
+        (window (y1, y2, x1, x2), group index map [h,w], P [G,N_fg])."""
+        jobs = []  # (image index, window index, y1, y2, x1, x2)
+        per_image: List[list] = []
         for i, x in enumerate(xs):
             h, w = x.shape[-2:]
             wins = [(0, h, 0, w)] if self.mode == 'whole' else slide_windows(h, w, self.crop, self.stride)
-            jobs += [(i,) + win for win in wins]
-        accs = [x.new_zeros((self.num_classes,) + tuple(x.shape[-2:])) for x in xs]
-        counts = [x.new_zeros((1,) + tuple(x.shape[-2:])) for x in xs]
-        # windows of equal shape share encoder batches; per-image accumulation order stays the
-        # raster order because all windows of one image have the same shape
+            per_image.append([None] * len(wins))
+            jobs += [(i, k) + win for k, win in enumerate(wins)]
+        # windows of equal shape share encoder batches (every window of one image has the same
+        # shape, so several images' windows fill a batch)
         by_shape = {}
         for j in jobs:
-            by_shape.setdefault((j[2] - j[1], j[4] - j[3]), []).append(j)
-        for shape, group in by_shape.items():
-            for k in range(0, len(group), self.batch_size):
-                chunk = group[k:k + self.batch_size]
-                crops = torch.stack([xs[i][:, y1:y2, x1:x2] for (i, y1, y2, x1, x2) in chunk])
+            by_shape.setdefault((j[3] - j[2], j[5] - j[4]), []).append(j)
+        for group in by_shape.values():
+            for c in range(0, len(group), self.batch_size):
+                chunk = group[c:c + self.batch_size]
+                crops = torch.stack([xs[i][:, y1:y2, x1:x2] for (i, _, y1, y2, x1, x2) in chunk])
                 gmaps, feat, avg = self._encode_windows(crops)
-                for b, (i, y1, y2, x1, x2) in enumerate(chunk):
-                    sc = self._score_window(gmaps[b], feat[b], avg[b:b + 1], fast=True)
-                    accs[i][:, y1:y2, x1:x2] += sc
-                    counts[i][:, y1:y2, x1:x2] += 1
-        outs = []
-        for acc, cnt, ori in zip(accs, counts, oris):
-            preds = (acc / cnt)[None]
-            preds = F.interpolate(preds, size=ori, mode='bilinear', align_corners=False)
-            outs.append(F.softmax(preds, dim=1)[0])
-        return outs
+                gidx = gmaps.argmax(dim=-1)  # [B,h,w]
+                for b, (i, k, y1, y2, x1, x2) in enumerate(chunk):
+                    P = self._group_class_probs(feat[b], avg[b:b + 1])
+                    per_image[i][k] = ((y1, y2, x1, x2), gidx[b], P)
+        return per_image
+
+    def _fast_assemble(self, shape_hw, ori, windows, bg_thresh: Optional[float] = None) -> torch.Tensor:
+        """Accumulate window scores in raster order, average by window count, resize to the
+        original size, softmax over classes -> [C,H,W]."""
+        h, w = shape_hw
+        dev = windows[0][1].device
+        acc = torch.zeros((self.num_classes, h, w), device=dev, dtype=torch.float32)
+        count = torch.zeros((1, h, w), device=dev, dtype=torch.float32)
+        for (y1, y2, x1, x2), gidx, P in windows:
+            acc[:, y1:y2, x1:x2] += self._pixel_scores(gidx, P, bg_thresh)
+            count[:, y1:y2, x1:x2] += 1
+        preds = (acc / count)[None]
+        preds = F.interpolate(preds, size=ori, mode='bilinear', align_corners=False)
+        return F.softmax(preds, dim=1)[0]
+
+    def _fast_predict(self, xs: List[torch.Tensor], oris: List[Tuple[int, int]]) -> List[torch.Tensor]:
+        per_image = self._fast_encode(xs)
+        return [self._fast_assemble(x.shape[-2:], o, wins) for x, o, wins in zip(xs, oris, per_image)]
 
     # ------------------------------------------------------------------ public
     def preprocess(self, image: ImageLike) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -325,6 +351,22 @@ class ZeroShotSegmenter:
             up = F.interpolate(up, size=ori, mode='bilinear', align_corners=False)
             out.append(up.argmax(dim=1)[0].cpu().numpy())
         return out
+
+    @torch.no_grad()
+    def predict_thresholds(self, images: Sequence[ImageLike], thresholds: Sequence[float]
+                           ) -> List[List[np.ndarray]]:
+        """Label maps for several background thresholds at the cost of one encoder pass:
+        result[t][i] is image i under thresholds[t] (same masks as a segmenter built with
+        bg_thresh=thresholds[t])."""
+        if not self.with_bg:
+            raise ValueError("predict_thresholds needs 'background' as the first class")
+        pre = [self.preprocess(im) for im in images]
+        xs, oris = [p[0] for p in pre], [p[1] for p in pre]
+        with self._eval():
+            per_image = self._fast_encode(xs)
+        return [[self._fast_assemble(x.shape[-2:], o, wins, float(t)).argmax(dim=0).cpu().numpy()
+                 .astype(np.int64) for x, o, wins in zip(xs, oris, per_image)]
+                for t in thresholds]
 
     def predict_batch(self, images: Sequence[ImageLike], return_scores: bool = False,
                       return_groups: bool = False) -> List[Union[np.ndarray, SegOutput]]:
