@@ -289,7 +289,6 @@ class _TrainLoaderBase:
         new = {tuple(x) for x in sd.get("excluded", [])} - self.exclude
         if new:
             self.exclude |= new
-            self.refs = [r for r in self.refs if (r.shard, r.key) not in self.exclude]
 
     def _texts(self, captions: Sequence[str], sample_ids: Sequence[int]) -> torch.Tensor:
         from .prompts import PromptBuilder
@@ -326,6 +325,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
         self.bs = loader.batch_size
         self.seed, self.epoch, self.rank = loader.seed, loader.epoch, loader.rank
         self.k, self.context_length = loader.cfg.multi_label, loader.cfg.context_length
+        self.exclude = frozenset(loader.exclude)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -357,6 +357,8 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                     ids.append(int(pool[spare_rng.integers(len(pool))]))
                 i = int(ids.pop(0))
                 r = self.refs[i]
+                if (r.shard, r.key) in self.exclude:
+                    continue  # known bad (an earlier epoch): replaced without reading it again
                 try:
                     cap = _caption(reader.read(r.shard, r.txt_off, r.txt_size))
                     if not cap:
@@ -409,8 +411,7 @@ class TorchTrainLoader(_TrainLoaderBase):
         for b, images, texts, bad in dl:
             for shard, key, reason, kind in bad:
                 self.stats.add_bad(shard, key, reason, kind)
-                if kind == "corrupt_image":
-                    self.exclude.add((shard, key))
+                self.exclude.add((shard, key))
             self.stats.good += images.shape[0]
             images = images.to(self.device, non_blocking=True)
             images = self._finish(images, b)
@@ -582,6 +583,7 @@ class DaliTrainLoader(_TrainLoaderBase):
         pending_img: List[torch.Tensor] = []
         pending_cap: List[str] = []
         pending_id: List[int] = []
+        self.refs = [r for r in self.refs if (r.shard, r.key) not in self.exclude]
         pipe = self._pipeline()
         sample_no = 0  # running sample number within the epoch, seeds the prompts
         restarts_here = 0
@@ -610,8 +612,9 @@ class DaliTrainLoader(_TrainLoaderBase):
                 if not cap:
                     where = bytes(np.array(info_tl.at(i))).decode("utf-8", "replace")
                     shard, _, key = where.rpartition(":")
-                    self.stats.add_bad(shard.rsplit(":", 1)[0], key.rsplit(".", 1)[0],
-                                       "empty caption", "empty_caption")
+                    shard, key = shard.rsplit(":", 1)[0], key.rsplit(".", 1)[0]
+                    self.stats.add_bad(shard, key, "empty caption", "empty_caption")
+                    self.exclude.add((shard, key))  # left out of the next epoch's index
                     continue
                 keep.append(i)
                 caps.append(cap)

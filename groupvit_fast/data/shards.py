@@ -156,7 +156,13 @@ class DataStats:
     max_listed: int = 1000
     pipeline_restarts: int = 0
 
+    _seen: set = field(default_factory=set, repr=False)
+
     def add_bad(self, shard: str, key: str, reason: str, kind: str) -> None:
+        """Count a bad sample once, however often it is met (every epoch, pipeline replays)."""
+        if (shard, key, kind) in self._seen:
+            return
+        self._seen.add((shard, key, kind))
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
         if len(self.bad) < self.max_listed:
             self.bad.append(BadSample(shard, key, reason))
