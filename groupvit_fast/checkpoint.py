@@ -510,6 +510,44 @@ def _select_for_model(sd, model):
     return sd
 
 
+def _build_on_meta(cfg):
+    """The model without storage or init (the release's truncated-normal init costs seconds on
+    CPU and every value is overwritten by the checkpoint anyway); None if the model code cannot
+    be built on the meta device."""
+    from .config import build_model
+    try:
+        with torch.device("meta"):
+            return build_model(cfg)
+    except Exception:
+        return None
+
+
+def _is_meta(model) -> bool:
+    return any(t.is_meta for t in model.state_dict().values())
+
+
+def _meta_leftovers(model) -> bool:
+    # tensors the checkpoint did not provide: non-persistent buffers, plain tensor attributes
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        return True
+    return any(isinstance(v, torch.Tensor) and v.is_meta
+               for m in model.modules() for v in vars(m).values())
+
+
+def _materialise(model, cfg, sd, expected, *, copy: bool):
+    from .config import build_model
+    if len(sd) == len(expected):
+        # match the model's dtypes; copy when the caller's tensors would otherwise be aliased
+        sd = OrderedDict((k, v.to(dtype=expected[k].dtype, copy=copy)) for k, v in sd.items())
+        model.load_state_dict(sd, strict=False, assign=True)
+        if not _meta_leftovers(model):
+            return model
+    # some values must come from the regular init: build it for real
+    model = build_model(cfg)
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
 def load_checkpoint(path_or_state_dict, model=None, *, strict: bool = True,
                     map_location="cpu", config=None):
     """Load a GroupViT checkpoint and return the model.
@@ -556,7 +594,9 @@ def load_checkpoint(path_or_state_dict, model=None, *, strict: bool = True,
             base = base or ModelConfig()
             base = dataclasses.replace(base, img=dataclasses.replace(base.img, num_heads=heads))
         cfg = infer_model_config(sd, base=base, source=source)
-        model = build_model(cfg)
+        model = _build_on_meta(cfg)
+        if model is None:
+            model = build_model(cfg)
     else:
         sd = _select_for_model(sd, model)
 
@@ -595,8 +635,11 @@ def load_checkpoint(path_or_state_dict, model=None, *, strict: bool = True,
         if hints:
             msg += "\n  hint: " + "; ".join(hints)
         raise CheckpointError(msg)
-    model.load_state_dict(OrderedDict((k, v) for k, v in sd.items() if k in expected),
-                          strict=False)
+    sd = OrderedDict((k, v) for k, v in sd.items() if k in expected)
+    if built and _is_meta(model):
+        model = _materialise(model, cfg, sd, expected, copy=isinstance(path_or_state_dict, Mapping))
+    else:
+        model.load_state_dict(sd, strict=False)
     if built:
         model.eval()
     return model

@@ -327,3 +327,29 @@ def test_infer_config_variants():
         assert got.multi_label == (3 if cfg.multi_label else 0)
     with pytest.raises(CheckpointError, match="cannot infer the model config: missing"):
         infer_model_config({"logit_scale": torch.zeros(())})
+
+
+def test_build_without_init_when_the_model_code_allows_it(small, monkeypatch):
+    """Models built from a checkpoint skip the (slow) random init by building on the meta device
+    and assigning the checkpoint tensors; falls back to a regular build when that fails."""
+    import groupvit_fast.checkpoint as ck
+    real_linspace = torch.linspace
+
+    def cpu_linspace(*a, **k):  # GroupViT reads drop-path rates with .item(); keep them on CPU
+        k["device"] = "cpu"
+        return real_linspace(*a, **k)
+
+    monkeypatch.setattr(torch, "linspace", cpu_linspace)
+    assert ck._build_on_meta(small_cfg()) is not None
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in small.state_dict().items()}
+    m = load_checkpoint(sd)
+    ref = small.state_dict()
+    for k, v in m.state_dict().items():
+        assert not v.is_meta and v.dtype == ref[k].dtype
+        assert torch.equal(v, ref[k].half().to(ref[k].dtype) if v.is_floating_point() else ref[k])
+    assert not m.img_encoder.pos_embed.is_meta and m.img_encoder.pos_embed.requires_grad
+    with torch.no_grad():  # no aliasing with the caller's tensors
+        m.logit_scale.add_(1.0)
+    assert not torch.equal(m.logit_scale.half(), sd["logit_scale"])
+    out = m.encode_image(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 32) and torch.isfinite(out).all()
