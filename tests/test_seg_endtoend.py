@@ -134,3 +134,14 @@ def test_synthetic_registry_dataset(tmp_path):
     assert sel['bg_thresh'] in (0.3, 0.95)
     r = evaluate.evaluate_dataset(seg, ds)
     assert r['num_images'] == 6 and len(r['iou']) == len(ds.class_names)
+
+
+def test_zero_shot_report_on_synthetic(tmp_path):
+    m = tiny_model()
+    rep = evaluate.zero_shot_report(m, 'synthetic', data_root=str(tmp_path / 'cache'),
+                                    dataset_kw=dict(n_val=4, n_test=4), img_scale=None,
+                                    mode='whole')
+    assert rep['bg_selection']['split'] == 'val'
+    assert rep['bg_thresh'] == rep['bg_selection']['bg_thresh']
+    for k in ('groupvit', 'pixelwise', 'kmeans'):
+        assert rep[k]['num_images'] == 4 and rep[k]['per_class'] and 'mIoU' in rep[k]

@@ -188,3 +188,14 @@ def test_input_errors(model, tmp_path):
         seg.predict(str(bad))
     with pytest.raises(ValueError, match=r'\[H,W,3\]'):
         seg.predict(np.zeros((10, 10), np.uint8))
+
+
+def test_autocast_option_runs_and_keeps_fp32_scoring(model):
+    rng = np.random.RandomState(7)
+    im = blocky_image(rng, 70, 90)
+    temb = group_text_embedding(model, im)
+    seg = ZeroShotSegmenter(model, NAMES[:6], text_embedding=temb, img_scale=SCALE, crop=64,
+                            stride=32, amp_dtype=torch.bfloat16)
+    out = seg.predict(im, return_scores=True)
+    assert out.scores.dtype == torch.float32 and out.labels.shape == (70, 90)
+    assert out.labels.max() < 6

@@ -84,7 +84,7 @@ def compose_soft_maps(attn_dicts) -> List[torch.Tensor]:
             if i != len(attn_dicts) - 1:
                 raise ValueError('only the last stage may have no grouping block')
             continue
-        m = d['soft'].transpose(-1, -2)  # [B,1,G,N] -> [B,1,N,G]
+        m = d['soft'].float().transpose(-1, -2)  # [B,1,G,N] -> [B,1,N,G], composed in fp32
         prev = m if prev is None else prev @ m
         out.append(prev[:, 0])  # single assignment head: [B,N,G]
     if not out:
@@ -116,6 +116,9 @@ class ZeroShotSegmenter:
         batch_size: maximal windows per encoder call in the fast protocol.
         img_scale: keep-ratio resize target (long max, short max); None keeps the input size.
         text_embedding: precomputed [N_fg, D] class embeddings (skips the tokenizer).
+        amp_dtype: run the image encoder under torch.autocast with this dtype (float16 is what
+            the published numbers used, via apex O1); scoring stays fp32. None (default): fp32.
+            A deliberate deviation: masks then differ slightly from fp32.
     The model is switched to eval() for each call and restored afterwards.
     """
 
@@ -125,7 +128,8 @@ class ZeroShotSegmenter:
                  protocol: str = 'fast', batch_size: int = 16,
                  img_scale: Optional[Tuple[int, int]] = IMG_SCALE,
                  text_embedding: Optional[torch.Tensor] = None,
-                 tokenizer: Optional[Callable] = None, device=None):
+                 tokenizer: Optional[Callable] = None, device=None,
+                 amp_dtype: Optional[torch.dtype] = None):
         if mode not in ('slide', 'whole'):
             raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
         if protocol not in ('fast', 'official'):
@@ -153,6 +157,7 @@ class ZeroShotSegmenter:
         self.batch_size = batch_size
         self.img_scale = img_scale
         self.templates = resolve_templates(templates)
+        self.amp_dtype = amp_dtype
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if text_embedding is None:
             if getattr(model, 'text_encoder', None) is None:
@@ -175,6 +180,10 @@ class ZeroShotSegmenter:
             yield
         finally:
             self.model.train(was)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
 
     def _logit_scale(self) -> torch.Tensor:
         # official: clamp(exp(logit_scale), max=100)
@@ -234,11 +243,12 @@ class ZeroShotSegmenter:
     # ------------------------------------------------------------ official path
     def _official_get_attn_maps(self, img: torch.Tensor) -> List[torch.Tensor]:
         """[1,3,h,w] -> list of [1,h,w,G] soft group maps (two resizes, as the official code)."""
-        res = self.model.img_encoder(img, return_attn=True, as_dict=True)
+        with self._autocast():
+            res = self.model.img_encoder(img, return_attn=True, as_dict=True)
         h, w = img.shape[-2:]
         maps = []
         for m in compose_soft_maps(res['attn_dicts']):
-            up = upsample_group_map(m, h, w)  # [1,G,h,w]
+            up = upsample_group_map(m.float(), h, w)  # [1,G,h,w]
             # official get_attn_maps(rescale=True) interpolates once more to the same size
             up = F.interpolate(up, size=(h, w), mode='bilinear', align_corners=False)
             maps.append(up.permute(0, 2, 3, 1))  # [1,h,w,G]
@@ -246,8 +256,10 @@ class ZeroShotSegmenter:
 
     def _official_encode_decode(self, img: torch.Tensor) -> torch.Tensor:
         gmap = self._official_get_attn_maps(img)[-1][0]  # [h,w,G]
-        outs = self.model.encode_image(img, return_feat=True, as_dict=True)
-        return self._score_window(gmap, outs['image_feat'][0], outs['image_x'], fast=False)[None]
+        with self._autocast():
+            outs = self.model.encode_image(img, return_feat=True, as_dict=True)
+        return self._score_window(gmap, outs['image_feat'][0].float(), outs['image_x'].float(),
+                                  fast=False)[None]
 
     def _official_predict(self, x: torch.Tensor, ori: Tuple[int, int]) -> torch.Tensor:
         """x [1,3,h,w] -> softmaxed scores [C,H,W] at the original size (mmseg slide/whole)."""
@@ -270,13 +282,14 @@ class ZeroShotSegmenter:
     def _encode_windows(self, crops: torch.Tensor):
         """One encoder pass for a batch of windows [B,3,h,w]: (final group maps [B,h,w,G],
         projected group tokens [B,G,D], projected pooled embedding [B,D])."""
-        res = self.model.img_encoder(crops, return_feat=True, return_attn=True, as_dict=True)
-        m = compose_soft_maps(res['attn_dicts'])[-1]
+        with self._autocast():
+            res = self.model.img_encoder(crops, return_feat=True, return_attn=True, as_dict=True)
+            feat = self.model.img_projector(res['feat'])  # [B,G,D]
+            avg = self.model.img_projector(res['x'])  # [B,D]
+        m = compose_soft_maps(res['attn_dicts'])[-1].float()
         h, w = crops.shape[-2:]
         gmaps = upsample_group_map(m, h, w).permute(0, 2, 3, 1)  # [B,G,h,w] -> [B,h,w,G]
-        feat = self.model.img_projector(res['feat'])  # [B,G,D]
-        avg = self.model.img_projector(res['x'])  # [B,D]
-        return gmaps, feat, avg
+        return gmaps, feat.float(), avg.float()
 
     def _fast_encode(self, xs: List[torch.Tensor]) -> List[list]:
         """Encoder stage of the fast protocol: per image, a raster-ordered list of
@@ -342,12 +355,12 @@ class ZeroShotSegmenter:
         """Per-stage group index maps [H,W] of the whole (resized) image at the original size:
         argmax of the composed soft maps (official 'all_groups' visualisation)."""
         x, ori = self.preprocess(image)
-        with self._eval():
+        with self._eval(), self._autocast():
             res = self.model.img_encoder(x[None], return_attn=True, as_dict=True)
         h, w = x.shape[-2:]
         out = []
         for m in compose_soft_maps(res['attn_dicts']):
-            up = upsample_group_map(m, h, w)
+            up = upsample_group_map(m.float(), h, w)
             up = F.interpolate(up, size=ori, mode='bilinear', align_corners=False)
             out.append(up.argmax(dim=1)[0].cpu().numpy())
         return out
