@@ -89,8 +89,13 @@ def _scan_tar(path: str, stats: DataStats) -> List[List[Tuple[str, int, int, str
                     out.append([])
                     last = key
                 out[-1].append((ext, m.offset_data, m.size, m.name))
+            end = tf.offset
+        if os.path.getsize(path) < end + 1024:
+            raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
         stats.add_bad(path, last or "<start>", f"truncated/corrupt tar: {e}", "truncated_tar")
+        if out:
+            out.pop()  # the sample being read when the tar broke may lack components
     return out
 
 

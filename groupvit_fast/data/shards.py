@@ -213,6 +213,11 @@ def iter_tar_samples(path: str, stats: Optional[DataStats] = None
                         yield cur_key, cur
                     cur_key, cur = key, {}
                 cur[ext] = data
+            end = tf.offset
+        if os.path.getsize(path) < end + 1024:
+            # no end-of-archive blocks: the file was cut at a member boundary, so the last sample
+            # may be missing components; tarfile itself ends silently there
+            raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
         if stats is not None:
             stats.add_bad(path, cur_key or "<start>", f"truncated/corrupt tar: {e}", "truncated_tar")
