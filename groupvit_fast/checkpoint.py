@@ -464,20 +464,19 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, base=None, source: str
                                share_temperature=share)
 
 
-def _hf_dir_heads(path) -> Optional[List[int]]:
-    """Vision heads from a HF model directory's config.json (one value for all stages)."""
+def _hf_dir_config(path):
+    """``ModelConfig`` from a HF model directory's config.json (heads are not in the shapes)."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         return None
     p = os.path.join(path, "config.json")
     if not os.path.isfile(p):
         return None
-    with open(p) as fh:
-        cfg = json.load(fh)
-    vc = cfg.get("vision_config") or {}
-    h, depths = vc.get("num_attention_heads"), vc.get("depths")
-    if isinstance(h, int) and isinstance(depths, list):
-        return [h] * len(depths)
-    return None
+    from .convert import model_config_from_hf
+    try:
+        with open(p) as fh:
+            return model_config_from_hf(json.load(fh))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{p}: not a usable GroupViT config.json: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,10 +588,8 @@ def load_checkpoint(path_or_state_dict, model=None, *, strict: bool = True,
         if base is None:
             cfg_dict = checkpoint_config(obj)
             base = _model_config_from_dict(cfg_dict) if cfg_dict else None
-        heads = _hf_dir_heads(path_or_state_dict) if layout == "hf" else None
-        if heads is not None:
-            base = base or ModelConfig()
-            base = dataclasses.replace(base, img=dataclasses.replace(base.img, num_heads=heads))
+        if base is None and layout == "hf":
+            base = _hf_dir_config(path_or_state_dict)
         cfg = infer_model_config(sd, base=base, source=source)
         model = _build_on_meta(cfg)
         if model is None:

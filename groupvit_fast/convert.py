@@ -24,6 +24,10 @@ official loader reads); HF output is a flat state dict for ``GroupViTModel.load_
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
 import re
 import sys
 from collections import OrderedDict
@@ -32,6 +36,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 __all__ = ["official_to_hf", "hf_to_official", "detect_layout", "ConversionError",
+           "hf_config_dict", "model_config_from_hf", "save_hf_pretrained",
            "OFFICIAL_PREFIXES", "HF_PREFIXES", "main"]
 
 OFFICIAL_PREFIXES = ("img_encoder.", "text_encoder.", "img_projector.", "text_projector.")
@@ -289,11 +294,131 @@ def hf_to_official(sd: Mapping[str, torch.Tensor], *,
 
 
 # --------------------------------------------------------------------------------------------
+# Config mapping (interop_hf §2)
+# --------------------------------------------------------------------------------------------
+def hf_config_dict(cfg) -> dict:
+    """``GroupViTConfig`` fields (a JSON-able dict, as in a HF ``config.json``) for a
+    ``groupvit_fast.config.ModelConfig``. Raises ConversionError for models HF cannot express:
+    HF has one head count for all stages, no width changes between stages, a fixed projector
+    (Linear, BN, ReLU, Linear), and uses its block MLP width for the pre-assign MLP too."""
+    img, text = cfg.img, cfg.text
+    problems = []
+    if len(set(img.num_heads)) != 1:
+        problems.append(f"num_heads {list(img.num_heads)} differ per stage")
+    if any(f != 1 for f in img.embed_factors):
+        problems.append(f"embed_factors {list(img.embed_factors)} change the width")
+    if img.mlp_ratio != 4.0:
+        problems.append(f"mlp_ratio {img.mlp_ratio} (HF reuses it for the pre-assign MLP, "
+                        f"which is 4·C in the official model)")
+    if cfg.proj_num_layers != 2:
+        problems.append(f"proj_num_layers {cfg.proj_num_layers} (HF: 2)")
+    for name, ok in (("qkv_bias", img.qkv_bias), ("patch_norm", img.patch_norm),
+                     ("pos_embed_type 'simple'", img.pos_embed_type == "simple"),
+                     ("num_classes 0", img.num_classes == 0)):
+        if not ok:
+            problems.append(f"needs {name}")
+    if text.width % 64:
+        problems.append(f"text width {text.width} is not a multiple of the head size 64")
+    if problems:
+        raise ConversionError("no HF GroupViTConfig for this model: " + "; ".join(problems))
+    groups = list(img.num_output_groups)
+    return {
+        "architectures": ["GroupViTModel"],
+        "model_type": "groupvit",
+        "projection_dim": cfg.output_dim,
+        "projection_intermediate_dim": 4096,
+        "logit_scale_init_value": math.log(1.0 / cfg.contrast_temperature),
+        "text_config": {
+            "model_type": "groupvit_text_model",
+            "vocab_size": text.vocab_size, "hidden_size": text.width,
+            "intermediate_size": 4 * text.width, "num_hidden_layers": text.layers,
+            "num_attention_heads": text.width // 64,
+            "max_position_embeddings": text.context_length, "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            # the official tokenizer's SOT/EOT are the two largest ids; EOT pooling must agree
+            "bos_token_id": text.vocab_size - 2, "eos_token_id": text.vocab_size - 1,
+        },
+        "vision_config": {
+            "model_type": "groupvit_vision_model",
+            "hidden_size": img.embed_dim, "intermediate_size": int(img.mlp_ratio * img.embed_dim),
+            "depths": list(img.depths), "num_hidden_layers": sum(img.depths),
+            "num_group_tokens": list(img.num_group_tokens),
+            # HF: one entry per stage, the official config one per GroupingBlock
+            "num_output_groups": groups + groups[-1:],
+            "num_attention_heads": img.num_heads[0], "image_size": img.img_size,
+            "patch_size": img.patch_size, "num_channels": img.in_chans, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5, "assign_eps": 1.0, "assign_mlp_ratio": [0.5, 4],
+        },
+    }
+
+
+def model_config_from_hf(d: Mapping):
+    """``ModelConfig`` for a HF ``GroupViTConfig`` dict (``config.json``); multi_label=0 since
+    HF has no multi-label head."""
+    from .config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
+    base = ModelConfig(multi_label=0)
+    v, t = dict(d.get("vision_config") or {}), dict(d.get("text_config") or {})
+    depths = list(v.get("depths", base.img.depths))
+    n = len(depths)
+    hidden = v.get("hidden_size", base.img.embed_dim)
+    img = ImageEncoderConfig(
+        img_size=v.get("image_size", base.img.img_size),
+        patch_size=v.get("patch_size", base.img.patch_size),
+        in_chans=v.get("num_channels", base.img.in_chans), embed_dim=hidden,
+        embed_factors=[1] * n, depths=depths,
+        num_heads=[v.get("num_attention_heads", 6)] * n,
+        num_group_tokens=list(v.get("num_group_tokens", base.img.num_group_tokens)),
+        num_output_groups=list(v.get("num_output_groups", [64, 8, 8]))[:n - 1],
+        mlp_ratio=v.get("intermediate_size", 4 * hidden) / hidden)
+    text = TextEncoderConfig(context_length=t.get("max_position_embeddings", 77),
+                             width=t.get("hidden_size", 256),
+                             layers=t.get("num_hidden_layers", 12),
+                             vocab_size=t.get("vocab_size", 49408))
+    scale = d.get("logit_scale_init_value")
+    return dataclasses.replace(base, img=img, text=text,
+                               output_dim=d.get("projection_dim", base.output_dim),
+                               contrast_temperature=math.exp(-scale) if scale else 0.07)
+
+
+def save_hf_pretrained(sd: Mapping[str, torch.Tensor], out_dir, cfg=None, *,
+                       position_ids: bool = False) -> str:
+    """Write a directory ``GroupViTModel.from_pretrained`` reads: ``config.json`` and
+    ``model.safetensors`` (``pytorch_model.bin`` without safetensors). ``sd`` is an official
+    state dict; ``cfg`` (``ModelConfig``) defaults to what its shapes say."""
+    from .checkpoint import atomic_save, infer_model_config
+    if detect_layout(sd.keys()) == "hf":
+        sd = hf_to_official(sd)
+    if cfg is None:
+        cfg = infer_model_config(sd)
+    config = hf_config_dict(cfg)
+    hf = official_to_hf(sd, position_ids=position_ids)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        import safetensors  # noqa: F401
+        weights = os.path.join(out_dir, "model.safetensors")
+    except ImportError:
+        weights = os.path.join(out_dir, "pytorch_model.bin")
+    atomic_save(hf, weights)
+    tmp = os.path.join(out_dir, ".config.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(config, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def _save(obj, path: str):
     from .checkpoint import atomic_save
     atomic_save(obj, path)
+
+
+def _is_dir_target(path: str) -> bool:
+    return os.path.isdir(path) or path.endswith(os.sep) or not os.path.splitext(path)[1]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -304,11 +429,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "read safely, no omegaconf needed), HF .bin/.pt/.safetensors, or a HF model "
                     "directory containing one of those.")
     p.add_argument("input")
-    p.add_argument("output", help="output file; .safetensors uses safetensors, else torch.save")
+    p.add_argument("output", help="output file (.safetensors uses safetensors, else torch.save) "
+                                  "or, with --to hf, a directory (no file extension): "
+                                  "config.json + weights for GroupViTModel.from_pretrained")
     p.add_argument("--to", required=True, choices=["hf", "official"])
     p.add_argument("--position-ids", action="store_true",
                    help="(--to hf) also write text_model.embeddings.position_ids, for "
                         "transformers releases where it is a persistent buffer")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="(--to hf directory) vision attention heads, when the input carries no "
+                        "config (heads are not in the tensor shapes; default: width // 64)")
     p.add_argument("--multi-label-logit-scale", type=float, default=None,
                    help="(--to official) value for multi_label_logit_scale, absent in HF files")
     args = p.parse_args(argv)
@@ -325,6 +455,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.to == "hf":
             if layout == "hf":
                 raise ConversionError(f"{args.input} is already in the HF layout")
+            if _is_dir_target(args.output):
+                from .checkpoint import _model_config_from_dict, checkpoint_config, \
+                    infer_model_config
+                base = checkpoint_config(obj)
+                base = _model_config_from_dict(base) if base else None
+                cfg = infer_model_config(sd, base=base, source=args.input)
+                if args.num_heads:
+                    cfg = dataclasses.replace(cfg, img=dataclasses.replace(
+                        cfg.img, num_heads=[args.num_heads] * len(cfg.img.depths)))
+                save_hf_pretrained(sd, args.output, cfg, position_ids=args.position_ids)
+                print(f"groupvit-convert: {args.input} ({layout}, {len(sd)} tensors) -> "
+                      f"{args.output}/ (HF model directory)")
+                return 0
             out = official_to_hf(sd, position_ids=args.position_ids)
         else:
             if layout == "official":

@@ -1,6 +1,7 @@
 """Official layout (ref Appendix A/B, §7.2) and official <-> HF state-dict conversion
 (interop_hf §4-§5). The expected layouts are written out here from the spec tables, so the tests
 do not read ../shared at run time."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -280,11 +281,34 @@ def test_cli_round_trip(tmp_path):
 
 
 def test_cli_module_entry_point(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "groupvit_fast.convert", "--help"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0 and "--to" in out.stdout
     out = subprocess.run([sys.executable, "-m", "groupvit_fast.convert",
                           str(tmp_path / "missing.pth"), str(tmp_path / "o.bin"), "--to", "hf"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "missing.pth: no such checkpoint file" in out.stderr
+
+
+def test_hf_config_mapping():
+    from transformers import GroupViTConfig
+    from groupvit_fast.convert import hf_config_dict, model_config_from_hf
+    d = hf_config_dict(ModelConfig())
+    ref = GroupViTConfig().to_dict()  # the HF defaults describe the released model (§1, §2)
+    for side in ("vision_config", "text_config"):
+        for k, v in d[side].items():
+            assert ref[side][k] == v, (side, k, ref[side][k], v)
+    assert d["projection_dim"] == ref["projection_dim"] == 256
+    assert d["projection_intermediate_dim"] == ref["projection_intermediate_dim"]
+    assert abs(d["logit_scale_init_value"] - ref["logit_scale_init_value"]) < 1e-4
+    assert model_config_from_hf(d) == ModelConfig(multi_label=0)
+    small = _small()
+    # HF has no stochastic depth and no multi-label head: those come back as defaults
+    expect = dataclasses.replace(small, multi_label=0,
+                                 img=dataclasses.replace(small.img, drop_path_rate=0.1))
+    assert model_config_from_hf(hf_config_dict(small)) == expect
+    bad = dataclasses.replace(small, img=dataclasses.replace(small.img, num_heads=[2, 4, 4],
+                                                             mlp_ratio=2.0))
+    with pytest.raises(ConversionError, match=r"num_heads \[2, 4, 4\] differ per stage; mlp_ratio"):
+        hf_config_dict(bad)

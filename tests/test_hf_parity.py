@@ -6,6 +6,7 @@ logit_scale stays below ln 100), the per-stage soft assignment maps and the comp
 maps (HF returns soft attentions), the final group tokens and their projections.
 Both directions are exercised: ours -> HF (official_to_hf) and HF -> ours (load_checkpoint of a
 HF state dict, which converts and infers the config)."""
+import dataclasses
 import math
 
 import pytest
@@ -206,3 +207,37 @@ def test_release_parity_multi_label_0_from_hf_state_dict(release_pair):
     assert ours.multi_label == 0 and not hasattr(ours, "multi_label_logit_scale")
     assert sum(p.numel() for p in ours.parameters()) == 55_726_609
     check(ours_outputs(ours, image, text), ref, "release 224², multi_label=0, HF->ours")
+
+
+def test_cli_hf_directory_loads_with_from_pretrained(tmp_path):
+    from groupvit_fast.convert import main
+    torch.manual_seed(0)
+    ours = perturb(build_model(small_cfg(2)), seed=21)
+    src = tmp_path / "official.pth"
+    torch.save({"model": ours.state_dict(), "epoch": 1}, src)
+    out = tmp_path / "hf_model"
+    # heads are not in the shapes: from a file without config they must be given
+    assert main([str(src), str(out), "--to", "hf", "--num-heads", "2"]) == 0
+    hf, info = GroupViTModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing/unexpected/mismatched keys
+    hf.eval()
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(22))
+    text = tokens(2, 500, 16, seed=23)
+    check(ours_outputs(ours, image, text), hf_outputs(hf, image, text), "small, HF directory")
+    back = load_checkpoint(out)  # heads etc. from config.json, weights converted back
+    assert [l.blocks[0].attn.num_heads for l in back.img_encoder.layers] == [2, 2, 2]
+    ref = ours.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+
+
+def test_cli_hf_directory_takes_heads_from_our_saved_config(tmp_path):
+    import json
+    from groupvit_fast.checkpoint import save_checkpoint
+    from groupvit_fast.convert import main
+    cfg = dataclasses.replace(small_cfg(0), img=dataclasses.replace(small_cfg(0).img,
+                                                                     num_heads=[4, 4, 4]))
+    src = tmp_path / "ours.pth"
+    save_checkpoint(build_model(cfg), src, config=cfg)
+    assert main([str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    with open(tmp_path / "hf" / "config.json") as fh:
+        assert json.load(fh)["vision_config"]["num_attention_heads"] == 4
