@@ -152,8 +152,9 @@ class SavedTensorMeter:
                 m._refs[self.key] = n - 1
 
     def _pack(self, t):
-        if isinstance(t, nn.Parameter) or (t.requires_grad and t.grad_fn is None):
-            return t  # leaves (weights) are not activations
+        base = t._base if t._base is not None else t
+        if isinstance(base, nn.Parameter) or (base.requires_grad and base.grad_fn is None):
+            return t  # weights and views of them (w.t()) are not activations
         st = t.untyped_storage()
         key = (st.data_ptr(), st.nbytes())
         n = self._refs.get(key, 0)
