@@ -123,6 +123,14 @@ def _read_pickle_safely(f, source: str, map_location):
         return _torch_load_weights_only(f, map_location)
     except pickle.UnpicklingError as first:
         err = first
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{source}: not a readable torch checkpoint: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                              ) from e
+    if not (_UNSUPPORTED_RE.search(str(err)) or _BLOCKED_RE.search(str(err))):
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        raise CheckpointError(f"{source}: not a readable torch checkpoint "
+                              f"(weights_only=True): {detail[0] if detail else err!r}") from err
     names = set()
     try:
         _rewind(f)
