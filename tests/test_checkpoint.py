@@ -151,8 +151,13 @@ def test_official_pth_with_pickled_config_loads_without_unsafe_load(small, tmp_p
                   "text_encoder": {"type": "TextTransformer", "width": 64},
                   "multi_label": "${data.text_aug.multi_label}", "output_dim": 32}})
     path = tmp_path / "group_vit_official.pth"
-    torch.save({"model": small.state_dict(), "config": cfg, "epoch": 29,
-                "metrics": {"max_accuracy": 1.0}}, path)
+    obj = {"model": small.state_dict(), "config": cfg, "epoch": 29,
+           "metrics": {"max_accuracy": 1.0}}
+    torch.save(obj, path)
+    # the pre-1.6 (non-zip) format too: unknown names are then learnt from the refusals
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": {"w": torch.ones(3)}, "config": cfg}, legacy,
+               _use_new_zipfile_serialization=False)
     del sys.modules[name]
     os.remove(tmp_path / f"{name}.py")
     with pytest.raises(Exception):  # the simulation is real: torch's safe load refuses it
@@ -167,6 +172,10 @@ def test_official_pth_with_pickled_config_loads_without_unsafe_load(small, tmp_p
     plain = placeholder_to_python(obj["config"])
     assert plain["model"]["img_encoder"]["num_heads"] == [4, 4, 4]
     assert checkpoint_config(obj)["multi_label"] == 2  # interpolation resolved
+
+    old = read_checkpoint(legacy)
+    assert torch.equal(old["model"]["w"], torch.ones(3))
+    assert checkpoint_config(old)["img_encoder"]["num_heads"] == [4, 4, 4]
 
     weights_only_spy.clear()
     m = load_checkpoint(path)
