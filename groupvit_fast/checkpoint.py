@@ -685,6 +685,15 @@ def _unshare(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]"
     return out
 
 
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_save(obj, path: PathLike):
     """Write ``obj`` to ``path`` atomically: a temporary file in the same directory, flushed and
     fsynced, then ``os.replace`` (a crash leaves the old file or the new one, never half).
@@ -722,6 +731,7 @@ def atomic_save(obj, path: PathLike):
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp creates 0600; match what open() would give
         os.replace(tmp, path)
     except BaseException:
         try:

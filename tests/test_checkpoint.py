@@ -66,6 +66,9 @@ def test_save_and_load_round_trip(small, tmp_path):
     assert not m.training and m.multi_label == 2
     assert [l.blocks[0].attn.num_heads for l in m.img_encoder.layers] == [2, 2, 2]
     assert not [p for p in os.listdir(tmp_path) if p != "ckpt.pth"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_save_unwraps_wrappers(small, tmp_path):
