@@ -189,7 +189,8 @@ def _read_safetensors(path: str, map_location) -> dict:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - safetensors is a transformers dependency
         raise CheckpointError(f"{path}: reading .safetensors needs `pip install safetensors`") from e
-    dev = "cpu" if map_location is None else str(map_location)
+    # safetensors takes a device name; torch.load-style callables/dicts fall back to CPU
+    dev = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     try:
         with safe_open(path, framework="pt", device=dev) as fh:

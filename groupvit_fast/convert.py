@@ -174,6 +174,8 @@ def official_to_hf(sd: Mapping[str, torch.Tensor], *, position_ids: bool = False
     the ``text_model.embeddings.position_ids`` buffer [1, context_length] that transformers
     releases before it became non-persistent expect; recent releases reject it as unexpected.
     Unknown keys raise one ``ConversionError`` (``strict=False`` drops them instead).
+    Renamed tensors are the input tensors themselves (as ``state_dict()`` returns views);
+    split and squeezed ones are fresh copies.
     """
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
         sd = sd["model"]
