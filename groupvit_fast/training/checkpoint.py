@@ -164,7 +164,9 @@ def export_official(model_cfg, state_dict: dict, path: str, *, extra: Optional[d
     ``state_dict()`` order), loaded strictly so a missing or extra key is an error here rather
     than at evaluation time."""
     from groupvit_fast.config import build_model
+    from .engine import official_shapes
     model = build_model(model_cfg)
+    state_dict = official_shapes(state_dict, model.state_dict())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export {path}: consolidated state_dict does not match the model: "

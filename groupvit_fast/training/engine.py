@@ -163,23 +163,29 @@ def run_seg_eval(model, cfg: TrainConfig) -> Optional[dict]:
 
 
 def _ds_initialize(model, optimizer, ds_conf):
-    """deepspeed.initialize, working around DeepSpeed's ``_broadcast_model``, which views every
-    parameter as uint8 and so fails on the official 0-dim ``logit_scale`` parameters ("self.dim()
-    cannot be 0 to view Float as Byte"). We broadcast those ourselves and mark them with the
-    attribute DeepSpeed uses to skip non-replicated params, removed again afterwards (it only
-    matters for super-offload, which we do not configure)."""
+    """deepspeed.initialize, working around DeepSpeed 0.19.8 broadcasting every parameter as
+    ``p.data.view(torch.uint8)`` (engine._broadcast_model for ZeRO 0-2, zero.Init for ZeRO-3),
+    which raises "self.dim() cannot be 0 to view Float as Byte" on the official 0-dim
+    ``logit_scale`` / ``multi_label_logit_scale``. Inside the engine those two are held with
+    shape [1]: same value, same broadcasting in the losses, same optimizer group (the groups are
+    built before, from the 0-dim tensors). ``official_shapes`` restores [] for export/eval."""
     import deepspeed
-    import torch.distributed as dist
-    scalars = [p for p in model.parameters() if p.ndim == 0]
-    for p in scalars:
-        dist.broadcast(p.data, src=0)
-        p.ds_optim_param = True
-    try:
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_conf)
-    finally:
-        for p in scalars:
-            if hasattr(p, "ds_optim_param"):
-                del p.ds_optim_param
+    for p in model.parameters():
+        if p.ndim == 0:
+            p.data = p.data.reshape(1)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_conf)
+
+
+def official_shapes(state_dict: dict, reference: dict) -> dict:
+    """Reshape entries whose element count matches the reference but whose shape does not
+    (the [1]-held 0-dim temperatures) back to the reference shape."""
+    out = {}
+    for k, v in state_dict.items():
+        ref = reference.get(k)
+        if ref is not None and v.shape != ref.shape and v.numel() == ref.numel():
+            v = v.reshape(ref.shape)
+        out[k] = v
+    return out
 
 
 @dataclasses.dataclass
@@ -275,9 +281,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
         f"{sched.min_lr:.3g}), device {device.type} × {world}")
 
     tb_dir = os.path.join(out_dir, "tb") if cfg.monitor.tensorboard else None
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
     mon = Monitor(enabled=is_main, total_steps=stop_at, start_step=step,
                   progress=cfg.monitor.progress, tensorboard_dir=tb_dir,
-                  log_every=cfg.monitor.log_every_steps)
+                  log_every=cfg.monitor.log_every_steps,
+                  metrics_path=os.path.join(out_dir, "metrics.jsonl"))
     last_ckpt = None
     try:
         last_ckpt = ckpt.read_latest(out_dir) if is_main else None
@@ -307,7 +316,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             rng = ckpt.rng_state()  # evaluation must not shift the training RNG stream
             try:
                 m = build_model(cfg.model)
-                m.load_state_dict(sd)
+                m.load_state_dict(official_shapes(sd, m.state_dict()))
                 m.to(device).eval()
                 res = run_seg_eval(m, cfg)
                 if res is not None:

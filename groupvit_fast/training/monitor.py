@@ -2,6 +2,7 @@
 peak memory per rank."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -24,8 +25,10 @@ def peak_memory_mib(device: torch.device) -> float:
 
 class Monitor:
     def __init__(self, *, enabled: bool, total_steps: int, start_step: int, progress: bool,
-                 tensorboard_dir: Optional[str], log_every: int = 1):
+                 tensorboard_dir: Optional[str], log_every: int = 1,
+                 metrics_path: Optional[str] = None):
         self.enabled = enabled
+        self.metrics_path = metrics_path
         self.log_every = max(1, log_every)
         self.bar = None
         self.writer = None
@@ -54,6 +57,10 @@ class Monitor:
         elif step % self.log_every == 0:
             print(f"[train] step {step} loss {scalars['loss/total']:.4f} lr {scalars['lr']:.3g} "
                   f"{scalars['images_per_s']:.1f} img/s", flush=True)
+        if self.metrics_path:
+            # one JSON line per step (appended across resumes): the machine-readable log
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
         if self.writer is not None and step % self.log_every == 0:
             for k, v in scalars.items():
                 if v is not None and math.isfinite(v):

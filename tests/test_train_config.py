@@ -1,0 +1,196 @@
+"""Training library pieces that need no launcher: configs and overrides, batch arithmetic, the
+official LR schedule and parameter groups, the DeepSpeed config builder, cross-rank BN on 1 rank."""
+import math
+import os
+
+import pytest
+import torch
+
+from groupvit_fast.config import ModelConfig, build_model
+from groupvit_fast.training import (BatchConfigError, CosineSchedule, DistBatchNorm1d,
+                                    build_config, build_schedule, convert_sync_batchnorm,
+                                    param_groups, parse_overrides, plan_batch, scale_lr,
+                                    split_decay)
+from groupvit_fast.training.config import TrainConfig, parse_value
+
+TINY_MODEL = dict(
+    img=dict(img_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1], num_heads=[2, 2, 2],
+             num_group_tokens=[8, 4, 0], num_output_groups=[8, 4]),
+    text=dict(width=64, layers=1), output_dim=32, multi_label=2)
+
+
+# ---------------------------------------------------------------- configs and overrides
+def test_parse_values_and_overrides():
+    assert parse_value("1e-3") == 1e-3 and isinstance(parse_value("1e-3"), float)
+    assert parse_value("[2,2,1]") == [2, 2, 1]
+    assert parse_value("true") is True and parse_value("None") is None
+    assert parse_value("configs/ds_zero3.json") == "configs/ds_zero3.json"
+    assert parse_overrides(["train.base_lr=1e-3", "model.img.depths=[2,2,1]"]) == {
+        "train": {"base_lr": 1e-3}, "model": {"img": {"depths": [2, 2, 1]}}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["train.base_lr"])
+
+
+def test_release_recipes_match_reference():
+    yfcc = build_config("gcc_yfcc")
+    assert yfcc.model == ModelConfig()  # the dataclass defaults are the released model
+    t = yfcc.train
+    assert (t.epochs, t.warmup_epochs, t.batch_size, t.micro_batch_size) == (30, 2, 4096, 256)
+    assert (t.base_lr, t.warmup_lr, t.min_lr, t.weight_decay, t.clip_grad) == \
+        (1.6e-3, 4e-6, 4e-5, 0.05, 5.0)
+    assert tuple(t.betas) == (0.9, 0.999) and t.eps == 1e-8
+    red = build_config("gcc_redcap")
+    assert red.model.multi_label == 0 and red.data.dataset == "gcc_redcap"
+    assert red.train == yfcc.train  # inherited through _base_
+    assert build_config(None).train == yfcc.train  # no file: the defaults are the release
+    d = build_config("default")
+    assert d.data.dataset == "synthetic" and d.model.img.img_size == d.data.img_size
+
+
+def test_overrides_apply_and_errors_name_the_field():
+    cfg = build_config("default", ["train.base_lr=1e-3", "model.img.depths=[2,2,1]",
+                                   "deepspeed.zero_stage=3", "train.epochs=2"])
+    assert cfg.train.base_lr == 1e-3 and cfg.model.img.depths == [2, 2, 1]
+    assert cfg.deepspeed.zero_stage == 3 and cfg.train.epochs == 2
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['lr'\]"):
+        build_config("default", ["train.lr=1e-3"])
+    with pytest.raises(TypeError, match="train.epochs: expected an integer"):
+        build_config("default", ["train.epochs=abc"])
+    with pytest.raises(ValueError, match="data.img_size"):
+        build_config("default", ["data.img_size=128"])
+    with pytest.raises(FileNotFoundError, match="recipes in"):
+        build_config("no_such_recipe")
+
+
+def test_config_file_inheritance(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("_base_: %s\ntrain: {epochs: 3}\n" %
+                 os.path.join(os.path.dirname(__file__), "..", "configs", "gcc_redcap.yaml"))
+    cfg = build_config(str(p))
+    assert cfg.train.epochs == 3 and cfg.model.multi_label == 0 and cfg.train.batch_size == 4096
+
+
+# ---------------------------------------------------------------- batch arithmetic
+def test_batch_plans():
+    p = plan_batch(4096, 16, 256)
+    assert (p.micro_batch, p.grad_accum) == (256, 1)
+    p = plan_batch(4096, 8, 256)  # one 8-GPU node: accumulate 2
+    assert (p.micro_batch, p.grad_accum, p.per_rank_batch) == (256, 2, 512)
+    p = plan_batch(4096, 32)
+    assert (p.micro_batch, p.grad_accum) == (128, 1)
+    p = plan_batch(4096, 2, grad_accum=8)
+    assert p.micro_batch == 256
+    assert "4096 = micro 256 × accumulation 8 × world 2" in p.describe()
+
+
+def test_batch_errors_explain():
+    with pytest.raises(BatchConfigError, match="not divisible by the world size 3"):
+        plan_batch(4096, 3)
+    with pytest.raises(BatchConfigError,
+                       match=r"4096 is not divisible by micro batch 96 × world size 16") as e:
+        plan_batch(4096, 16, 96)
+    assert "Micro batches that work here" in str(e.value)
+    with pytest.raises(BatchConfigError, match="micro batch 256 × accumulation 3 × world 16"):
+        plan_batch(4096, 16, 256, 3)
+    with pytest.raises(BatchConfigError, match="each of the 32 ranks gets 128 samples"):
+        plan_batch(4096, 32, 256)  # 256 × 32 = 8192 > 4096
+    with pytest.raises(BatchConfigError, match="positive integer"):
+        plan_batch(0, 2)
+
+
+def test_linear_lr_scaling():
+    assert scale_lr(1.6e-3, 4096) == pytest.approx(1.6e-3)
+    assert scale_lr(1.6e-3, 2048) == pytest.approx(0.8e-3)  # issue #28's 256×8
+
+
+# ---------------------------------------------------------------- schedule
+def _timm_reference(t, base, lo, wlr, T, W):
+    """Independent transcription of timm 0.4.12 CosineLRScheduler._get_lr for cycle_limit=1,
+    t_mul=1, decay_rate=1, warmup_prefix=False."""
+    if t < W:
+        return wlr + t * ((base - wlr) / W)
+    i = math.floor(t / T)
+    if i < 1:
+        return lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * (t - T * i) / T))
+    return lo
+
+
+def test_schedule_matches_timm_semantics():
+    s = CosineSchedule(base_lr=1.6e-3, min_lr=4e-5, warmup_lr=4e-6, total_steps=300,
+                       warmup_steps=20)
+    for t in list(range(0, 25)) + [150, 299, 300, 301, 1000]:
+        assert s.value(t) == pytest.approx(_timm_reference(t, 1.6e-3, 4e-5, 4e-6, 300, 20),
+                                           rel=1e-12, abs=0)
+    assert s.value(0) == 4e-6
+    # no warmup prefix: the cosine is already 20 steps in when warm-up ends, so the LR steps
+    # *down* from just below base_lr
+    assert s.value(19) < s.value(20) < 1.6e-3
+    assert s.value(20) == pytest.approx(4e-5 + 0.5 * (1.6e-3 - 4e-5) * (1 + math.cos(math.pi * 20 / 300)))
+    # the official loop applies f(s-1) at optimizer step s (step_update runs after the step)
+    assert s.lr_for_step(0) == s.lr_for_step(1) == 4e-6
+    assert s.lr_for_step(21) == s.value(20)
+
+
+def test_release_schedule_step_counts():
+    cfg = build_config("gcc_yfcc")
+    steps_per_epoch = 28_663_147 // 4096
+    s = build_schedule(cfg.train, steps_per_epoch, 4096)
+    assert (steps_per_epoch, s.total_steps, s.warmup_steps) == (6997, 209_910, 13_994)
+    s2 = build_schedule(cfg.train, 28_663_147 // 2048, 2048)  # halved batch: halved LRs
+    assert s2.base_lr == pytest.approx(0.8e-3) and s2.min_lr == pytest.approx(2e-5)
+    assert s2.warmup_lr == pytest.approx(2e-6)
+
+
+# ---------------------------------------------------------------- parameter groups
+def test_param_groups_official_rule():
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
+    decay, no_decay = split_decay(model)
+    for name in ("logit_scale", "multi_label_logit_scale", "img_encoder.pos_embed",
+                 "text_encoder.positional_embedding", "text_encoder.token_embedding.weight",
+                 "img_projector.linear_hidden.0.weight", "img_projector.linear_out.weight"):
+        assert name in decay, name
+    assert any("group_token" in n for n in decay)
+    for name in ("img_projector.linear_hidden.1.weight", "img_projector.linear_hidden.1.bias",
+                 "text_encoder.ln_final.weight", "img_projector.linear_out.bias"):
+        assert name in no_decay, name
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim == 1 or n.endswith(".bias") for n in no_decay)
+    assert all(params[n].ndim != 1 and not n.endswith(".bias") for n in decay)
+    groups = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(params)
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+def test_ds_config_is_derived_from_training_config(tmp_path):
+    from groupvit_fast.training.engine import build_ds_config
+    cfg = build_config("gcc_yfcc", ["deepspeed.config=configs/ds_zero3.json",
+                                    "train.precision=fp16"])
+    conf = build_ds_config(cfg, plan_batch(4096, 8, 256))
+    assert conf["train_batch_size"] == 4096 and conf["gradient_accumulation_steps"] == 2
+    assert conf["train_micro_batch_size_per_gpu"] == 256 and conf["gradient_clipping"] == 5.0
+    assert conf["zero_optimization"]["stage"] == 3 and conf["fp16"]["loss_scale"] == 0
+    for stage in (1, 2, 3):
+        c = build_config("gcc_yfcc", [f"deepspeed.config=configs/ds_zero{stage}.json"])
+        assert build_ds_config(c, plan_batch(4096, 16, 256))["zero_optimization"]["stage"] == stage
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 2048, "zero_optimization": {"stage": 2}}')
+    cfg = build_config("gcc_yfcc", [f"deepspeed.config={bad}"])
+    with pytest.raises(ValueError, match=r"sets \['train_batch_size'\]"):
+        build_ds_config(cfg, plan_batch(4096, 16, 256))
+
+
+# ---------------------------------------------------------------- cross-rank BN, one rank
+def test_dist_batchnorm_single_rank_is_batchnorm_and_keeps_keys():
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
+    keys = list(model.state_dict())
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    convert_sync_batchnorm(model)
+    assert list(model.state_dict()) == keys
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2 and all(isinstance(m, DistBatchNorm1d) for m in bns)
+    bn, ref_bn = DistBatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    x = torch.randn(6, 5, 3)
+    torch.testing.assert_close(bn(x), ref_bn(x))
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
