@@ -19,13 +19,13 @@ at::Tensor gvf_gumbel_noise(int64_t B, int64_t S, int64_t N, int64_t seed);
 #ifdef GROUPVIT_FAST_WITH_CUDA
 std::vector<at::Tensor> gvf_cuda_forward(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, double scale, bool gumbel,
-                                         double tau, double eps, const at::Tensor& seed,
+                                         double tau, double eps, int64_t seed,
                                          bool return_attn);
 std::vector<at::Tensor> gvf_cuda_backward(const at::Tensor& dout, const at::Tensor& q,
                                           const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& idx, const at::Tensor& cnt,
                                           double scale, bool gumbel, double tau, double eps,
-                                          const at::Tensor& seed);
+                                          int64_t seed);
 #endif
 
 static bool has_cuda() {

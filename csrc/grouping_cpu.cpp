@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,6 +24,94 @@
 namespace {
 
 constexpr int64_t kChunk = 16;  // tokens per inner block
+
+// ---------------------------------------------------------------------------------------
+// Row kernels over n (contiguous), compiled for AVX-512, AVX2 and baseline x86-64 and picked
+// at load time (target_clones), since setup.py builds portable -O3 code. glibc's logf/expf do
+// not vectorise, so the noise and softmax rows use Cephes-style polynomials (max error about
+// 2 ulp in the ranges used here); Philox is plain 32-bit integer arithmetic and vectorises.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GVF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GVF_CLONES
+#endif
+#define GVF_ALWAYS_INLINE inline __attribute__((always_inline))
+
+GVF_ALWAYS_INLINE float bits_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+GVF_ALWAYS_INLINE int32_t float_bits(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+
+// log(x) for normal x > 0 (Cephes logf). For x in [sqrt(1/2), 1) it evaluates the polynomial
+// at x - 1, which is exact, so -log(u) near u = 1 keeps full relative precision.
+GVF_ALWAYS_INLINE float poly_logf(float x) {
+  const int32_t ix = float_bits(x);
+  int32_t e = ((ix >> 23) & 0xff) - 126;
+  float m = bits_float((ix & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
+  const bool small = m < 0.70710678118654752f;
+  e = small ? e - 1 : e;
+  m = small ? (m + m - 1.0f) : (m - 1.0f);
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+// exp(x) for x <= 0 (Cephes expf); below -87 it returns ~1e-38 instead of 0, which a softmax
+// whose largest term is exp(0) = 1 cannot tell apart.
+GVF_ALWAYS_INLINE float poly_expf(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  float fx = x * 1.44269504088896341f;
+  fx = static_cast<float>(static_cast<int32_t>(fx - 0.5f));  // round to nearest (fx <= 0)
+  x -= fx * 0.693359375f;
+  x -= fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  return y * bits_float((static_cast<int32_t>(fx) + 127) << 23);
+}
+
+GVF_ALWAYS_INLINE float fast_gumbel(uint64_t seed, uint64_t offset) {
+  float u = gvf::uint_to_uniform(gvf::philox_first(seed, offset));
+  u = u < gvf::kUniformLo ? gvf::kUniformLo : (u > gvf::kUniformHi ? gvf::kUniformHi : u);
+  return -poly_logf(-poly_logf(u));
+}
+
+// out[n] = Gumbel noise of offsets base .. base+len-1 (same stream as gvf::gumbel_noise).
+GVF_CLONES void gumbel_row(float* __restrict__ out, uint64_t seed, uint64_t base, int64_t len) {
+  for (int64_t n = 0; n < len; ++n) out[n] = fast_gumbel(seed, base + static_cast<uint64_t>(n));
+}
+
+// row[n] = exp(row[n] - m[n]); sum[n] += row[n]
+GVF_CLONES void exp_sub_accum(float* __restrict__ row, const float* __restrict__ m,
+                              float* __restrict__ sum, int64_t len) {
+  for (int64_t n = 0; n < len; ++n) {
+    const float e = poly_expf(row[n] - m[n]);
+    row[n] = e;
+    sum[n] += e;
+  }
+}
+
+void exp_sub_accum(double* row, const double* m, double* sum, int64_t len) {
+  for (int64_t n = 0; n < len; ++n) {
+    const double e = std::exp(row[n] - m[n]);
+    row[n] = e;
+    sum[n] += e;
+  }
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
@@ -45,11 +134,12 @@ template <typename acc_t>
 void noisy_logits_inplace(acc_t* A, int64_t B, int64_t S, int64_t N, acc_t scale, acc_t inv_tau,
                           bool gumbel, uint64_t seed) {
   at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> noise(gumbel ? N : 0);
     for (int64_t bs = lo; bs < hi; ++bs) {
       acc_t* row = A + bs * N;
-      const uint64_t base = static_cast<uint64_t>(bs) * N;
+      if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(bs) * N, N);
       for (int64_t n = 0; n < N; ++n)
-        row[n] = gvf::assign_logit<acc_t>(row[n], scale, inv_tau, gumbel, seed, base + n);
+        row[n] = (row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0))) * inv_tau;
     }
   });
 }
@@ -89,26 +179,24 @@ void hard_forward(const acc_t* A, const in_t* v, int64_t B, int64_t S, int64_t N
                   acc_t scale, bool gumbel, uint64_t seed, acc_t eps, int32_t* idx, acc_t* cnt,
                   acc_t* out) {
   at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
+    std::vector<acc_t> best(N);
+    std::vector<float> noise(gumbel ? N : 0);
     for (int64_t b = blo; b < bhi; ++b) {
       const acc_t* Ab = A + b * S * N;
       int32_t* ib = idx + b * N;
-      for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-        const int64_t L = std::min(kChunk, N - n0);
-        acc_t best[kChunk];
-        int32_t bi[kChunk];
-        for (int64_t j = 0; j < L; ++j) { best[j] = -std::numeric_limits<acc_t>::infinity(); bi[j] = 0; }
-        for (int64_t s = 0; s < S; ++s) {
-          const acc_t* row = Ab + s * N + n0;
-          const uint64_t base = static_cast<uint64_t>(b * S + s) * N + n0;
-          for (int64_t j = 0; j < L; ++j) {
-            const acc_t z = gvf::assign_logit<acc_t>(row[j], scale, acc_t(1), gumbel, seed, base + j);
-            // strict '>' keeps the first maximum, like torch.argmax
-            const bool better = z > best[j];
-            best[j] = better ? z : best[j];
-            bi[j] = better ? static_cast<int32_t>(s) : bi[j];
-          }
+      // row-wise over the group axis: every inner loop runs over contiguous tokens
+      for (int64_t n = 0; n < N; ++n) { best[n] = -std::numeric_limits<acc_t>::infinity(); ib[n] = 0; }
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t* row = Ab + s * N;
+        if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
+        const int32_t si = static_cast<int32_t>(s);
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t z = row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0));
+          // strict '>' keeps the first maximum, like torch.argmax
+          const bool better = z > best[n];
+          best[n] = better ? z : best[n];
+          ib[n] = better ? si : ib[n];
         }
-        for (int64_t j = 0; j < L; ++j) ib[n0 + j] = bi[j];
       }
       acc_t* cb = cnt + b * S;
       acc_t* ob = out + b * S * C;
@@ -140,7 +228,8 @@ void hard_backward_tokens(acc_t* A, acc_t* G, const in_t* dout, int64_t B, int64
                           acc_t eps, const int32_t* idx, const acc_t* cnt, acc_t* dv) {
   const acc_t scale_over_tau = scale * inv_tau;
   at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
-    std::vector<acc_t> D(S), inv_den(S);
+    std::vector<acc_t> D(S), inv_den(S), m(N), sum(N), ydy(N);
+    std::vector<float> noise(gumbel ? N : 0);
     for (int64_t b = blo; b < bhi; ++b) {
       acc_t* Ab = A + b * S * N;
       acc_t* Gb = G + b * S * N;
@@ -150,44 +239,37 @@ void hard_backward_tokens(acc_t* A, acc_t* G, const in_t* dout, int64_t B, int64
       // D_s = Σ_m dÂ[s,m]·w[s,m] / (r_s + eps): with a one-hot w only the members count.
       for (int64_t n = 0; n < N; ++n) D[ib[n]] += Gb[ib[n] * N + n];
       for (int64_t s = 0; s < S; ++s) D[s] *= inv_den[s];
-      for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-        const int64_t L = std::min(kChunk, N - n0);
-        acc_t m[kChunk], sum[kChunk], ydy[kChunk];
-        for (int64_t j = 0; j < L; ++j) {
-          m[j] = -std::numeric_limits<acc_t>::infinity(); sum[j] = 0; ydy[j] = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        m[n] = -std::numeric_limits<acc_t>::infinity(); sum[n] = 0; ydy[n] = 0;
+      }
+      for (int64_t s = 0; s < S; ++s) {  // z = (A·scale + g)/τ, running max over groups
+        acc_t* row = Ab + s * N;
+        if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t z = (row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0))) * inv_tau;
+          row[n] = z;
+          m[n] = std::max(m[n], z);
         }
-        for (int64_t s = 0; s < S; ++s) {
-          acc_t* row = Ab + s * N + n0;
-          const uint64_t base = static_cast<uint64_t>(b * S + s) * N + n0;
-          for (int64_t j = 0; j < L; ++j) {
-            const acc_t z = gvf::assign_logit<acc_t>(row[j], scale, inv_tau, gumbel, seed, base + j);
-            row[j] = z;
-            m[j] = std::max(m[j], z);
-          }
+      }
+      for (int64_t s = 0; s < S; ++s) exp_sub_accum(Ab + s * N, m.data(), sum.data(), N);
+      for (int64_t n = 0; n < N; ++n) sum[n] = acc_t(1) / sum[n];
+      for (int64_t s = 0; s < S; ++s) {  // y, dy and Σ_s y·dy
+        acc_t* row = Ab + s * N;
+        acc_t* grow = Gb + s * N;
+        const acc_t ds = D[s], invd = inv_den[s];
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t y = row[n] * sum[n];
+          const acc_t dy = gvf::norm_grad<acc_t>(grow[n], ds, invd);
+          row[n] = y;
+          grow[n] = dy;
+          ydy[n] += y * dy;
         }
-        for (int64_t s = 0; s < S; ++s) {
-          acc_t* row = Ab + s * N + n0;
-          for (int64_t j = 0; j < L; ++j) { row[j] = std::exp(row[j] - m[j]); sum[j] += row[j]; }
-        }
-        for (int64_t j = 0; j < L; ++j) sum[j] = acc_t(1) / sum[j];
-        for (int64_t s = 0; s < S; ++s) {
-          acc_t* row = Ab + s * N + n0;
-          acc_t* grow = Gb + s * N + n0;
-          const acc_t ds = D[s], invd = inv_den[s];
-          for (int64_t j = 0; j < L; ++j) {
-            const acc_t y = row[j] * sum[j];
-            const acc_t dy = gvf::norm_grad<acc_t>(grow[j], ds, invd);
-            row[j] = y;
-            grow[j] = dy;
-            ydy[j] += y * dy;
-          }
-        }
-        for (int64_t s = 0; s < S; ++s) {
-          acc_t* row = Ab + s * N + n0;
-          const acc_t* grow = Gb + s * N + n0;
-          for (int64_t j = 0; j < L; ++j)
-            row[j] = gvf::softmax_grad<acc_t>(row[j], grow[j], ydy[j], scale_over_tau);
-        }
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        acc_t* row = Ab + s * N;
+        const acc_t* grow = Gb + s * N;
+        for (int64_t n = 0; n < N; ++n)
+          row[n] = gvf::softmax_grad<acc_t>(row[n], grow[n], ydy[n], scale_over_tau);
       }
       // dv[n] = dout[idx_n] / (count + eps): the transpose of the segmented merge.
       const in_t* db = dout + b * S * C;
@@ -317,14 +399,15 @@ std::vector<at::Tensor> gvf_cpu_backward(const at::Tensor& dout_in, const at::Te
   return {dq.to(in_dtype), dk.to(in_dtype), dv.to(in_dtype)};
 }
 
-// Gumbel noise of the kernels for a [B,S,N] shape (tests compare it with Triton's tl.rand
-// stream and check its distribution).
+// The Gumbel noise the CPU kernel draws for a [B,S,N] shape (tests compare it with Triton's
+// tl.rand stream and with gvf::gumbel_noise, and check its distribution).
 at::Tensor gvf_gumbel_noise(int64_t B, int64_t S, int64_t N, int64_t seed) {
   auto g = at::empty({B, S, N}, at::TensorOptions().dtype(at::kFloat));
   float* p = g.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed);
-  at::parallel_for(0, B * S * N, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) p[i] = gvf::gumbel_noise(useed, static_cast<uint64_t>(i));
+  at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bs = lo; bs < hi; ++bs)
+      gumbel_row(p + bs * N, useed, static_cast<uint64_t>(bs) * N, N);
   });
   return g;
 }
