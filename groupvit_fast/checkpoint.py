@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .convert import (HF_POSITION_IDS, MULTI_LABEL_SCALE, ConversionError, detect_layout,
+from .convert import (MULTI_LABEL_SCALE, ConversionError, detect_layout,
                       hf_to_official)
 
 __all__ = ["CheckpointError", "PickledObjectPlaceholder", "read_checkpoint",
@@ -124,9 +123,9 @@ def _read_pickle_safely(f, source: str, map_location):
     except pickle.UnpicklingError as first:
         err = first
     except (RuntimeError, EOFError, ValueError, OSError) as e:
+        detail = str(e).strip().splitlines()
         raise CheckpointError(f"{source}: not a readable torch checkpoint: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-                              ) from e
+                              f"{detail[0] if detail else type(e).__name__}") from e
     if not (_UNSUPPORTED_RE.search(str(err)) or _BLOCKED_RE.search(str(err))):
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
         raise CheckpointError(f"{source}: not a readable torch checkpoint "
@@ -188,7 +187,8 @@ def _read_safetensors(path: str, map_location) -> dict:
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - safetensors is a transformers dependency
-        raise CheckpointError(f"{path}: reading .safetensors needs `pip install safetensors`") from e
+        raise CheckpointError(f"{path}: reading .safetensors needs "
+                              f"`pip install safetensors`") from e
     # safetensors takes a device name; torch.load-style callables/dicts fall back to CPU
     dev = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -451,7 +451,8 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, base=None, source: str
     tok = sd["text_encoder.token_embedding.weight"]  # [V, W]
     tpos = sd["text_encoder.positional_embedding"]  # [L, W]
     tlayers = _count_indices(sd, r"text_encoder\.transformer\.resblocks\.(\d+)\.()")
-    text = dataclasses.replace(base.text, context_length=int(tpos.shape[0]), width=int(tok.shape[1]),
+    text = dataclasses.replace(base.text, context_length=int(tpos.shape[0]),
+                               width=int(tok.shape[1]),
                                layers=max(tlayers) + 1 if tlayers else 0,
                                vocab_size=int(tok.shape[0]))
     out_w = sd.get("img_projector.linear_out.weight")

@@ -214,7 +214,8 @@ def test_pickled_code_is_never_run(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": {"w": torch.ones(2)}, "config": System()}, tmp_path / "evil2.pth")
-    with pytest.raises(CheckpointError, match=r"evil2\.pth: refusing to read: .*system.*'(posix|os|nt)'"):
+    with pytest.raises(CheckpointError,
+                       match=r"evil2\.pth: refusing to read: .*system.*'(posix|os|nt)'"):
         read_checkpoint(tmp_path / "evil2.pth")
     assert not marker.exists()
 
@@ -230,7 +231,7 @@ def test_unreadable_files_give_one_clear_error(tmp_path):
         load_checkpoint(tmp_path / "noweights.pth")
 
 
-# -- mismatches: one message with everything --------------------------------------------------------
+# -- mismatches: one message with everything ---------------------------------------------
 def test_missing_unexpected_and_shape_errors(small, tmp_path):
     target = build_model(small_cfg(multi_label=2))
     sd = dict(small.state_dict())

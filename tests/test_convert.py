@@ -2,7 +2,6 @@
 (interop_hf §4-§5). The expected layouts are written out here from the spec tables, so the tests
 do not read ../shared at run time."""
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -156,7 +155,8 @@ def spec_rules(key):
         return [f"text_model.encoder.layers.{n}.self_attn.{q}_proj.{p}" for q in "qkv"]
     k = key
     k = k.replace("img_encoder.pos_embed", "vision_model.embeddings.position_embeddings")
-    k = k.replace("img_encoder.patch_embed.proj", "vision_model.embeddings.patch_embeddings.projection")
+    k = k.replace("img_encoder.patch_embed.proj",
+                  "vision_model.embeddings.patch_embeddings.projection")
     k = k.replace("img_encoder.patch_embed.norm", "vision_model.embeddings.layernorm")
     k = k.replace("img_encoder.layers", "vision_model.encoder.stages")
     if "res" not in k:
@@ -239,7 +239,8 @@ def test_conversion_errors_name_the_keys(release_sd):
         hf_to_official({"foo.bar": torch.zeros(1), "logit_scale": torch.zeros(())})
     bad = dict(release_sd)
     bad["img_projector.linear_out.weight"] = torch.zeros(256, 4096, 3)
-    with pytest.raises(ConversionError, match=r"1x1 Conv1d weight \[out,in,1\], found \[256, 4096, 3\]"):
+    with pytest.raises(ConversionError,
+                       match=r"1x1 Conv1d weight \[out,in,1\], found \[256, 4096, 3\]"):
         official_to_hf(bad)
     assert detect_layout(release_sd) == "official"
     assert detect_layout(official_to_hf(release_sd)) == "hf"
