@@ -92,7 +92,8 @@ def assert_grads_close(got, ref, rtol=1e-4, atol_rel=1e-5, floor=1e-3):
         # some gradients are zero up to rounding (e.g. a bias feeding the projector BN, which
         # removes any constant shift) and are pure fp32 cancellation noise
         atol = atol_rel * max(float(ref[n].abs().max()), floor * top)
-        torch.testing.assert_close(got[n], ref[n], rtol=rtol, atol=atol, msg=n)
+        torch.testing.assert_close(got[n], ref[n], rtol=rtol, atol=atol,
+                                   msg=lambda m, n=n: f"{n} (largest gradient {top:.3g}): {m}")
 
 
 def rel_diff(got, ref):
