@@ -399,8 +399,9 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, base=None, source: str
     ``base`` or head_dim 64 as in every release), the number K of multi-label prompts (``base``
     or 3 as in the YFCC release), and training-only settings (``base`` or the release defaults).
     """
-    from .config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
-    base = base if base is not None else ModelConfig()
+    from .config import ModelConfig
+    given = base is not None
+    base = base if given else ModelConfig()
     need = ["img_encoder.pos_embed", "img_encoder.patch_embed.proj.weight",
             "text_encoder.token_embedding.weight", "text_encoder.positional_embedding"]
     missing = [k for k in need if k not in sd]
@@ -437,7 +438,8 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, base=None, source: str
         out_groups.append(int(fc2.shape[0]) if fc2 is not None else
                           (out_groups[-1] if out_groups else group_tokens[i]))
     b = base.img
-    heads = list(b.num_heads) if len(b.num_heads) == n and all(
+    # heads are invisible in the shapes: a given config decides, else head_dim 64 (all releases)
+    heads = list(b.num_heads) if given and len(b.num_heads) == n and all(
         wd % h == 0 for wd, h in zip(widths, b.num_heads)) else [max(wd // 64, 1) for wd in widths]
     head_w = sd.get("img_encoder.head.weight")
     img = dataclasses.replace(

@@ -338,6 +338,13 @@ def test_infer_config_variants():
         assert dataclasses.asdict(got.text) == dataclasses.asdict(cfg.text)
         assert got.output_dim == 32 and got.proj_num_layers == 2
         assert got.multi_label == (3 if cfg.multi_label else 0)
+    # head_dim 64 without a config: 192 wide -> 3 heads (not the release's 6, head_dim 32)
+    cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, embed_dim=192,
+                                                           num_heads=[3, 3, 3]))
+    sd = build_model(cfg).state_dict()
+    assert infer_model_config(sd).img.num_heads == [3, 3, 3]
+    assert infer_model_config(sd, base=small_cfg(heads=(6, 6, 6))).img.num_heads == [6, 6, 6]
     with pytest.raises(CheckpointError, match="cannot infer the model config: missing"):
         infer_model_config({"logit_scale": torch.zeros(())})
 
