@@ -146,32 +146,31 @@ def _interrupted_and_resumed(tmp, cfg, z):
     return part, r.stdout
 
 
-@pytest.fixture(scope="module")
-def zero2_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zero2")
+def _stage_runs(tmp_path_factory, stage):
+    tmp = tmp_path_factory.mktemp(f"zero{stage}")
     cfg = tmp / "tiny.yaml"
     cfg.write_text(TINY_YAML)
-    z = "deepspeed.config=configs/ds_zero2.json"
+    z = f"deepspeed.config=configs/ds_zero{stage}.json"
     full = tmp / "full"
     r_full = _train(cfg, full, z, "train.max_steps=6")
     part, out_res = _interrupted_and_resumed(tmp, cfg, z)
-    return dict(stage=2, cfg=cfg, full=full, part=part, out_full=r_full.stdout,
+    return dict(stage=stage, cfg=cfg, full=full, part=part, out_full=r_full.stdout,
                 out_resumed=out_res)
 
 
 @pytest.fixture(scope="module")
-def zero3_runs(tmp_path_factory, zero2_runs):
-    """ZeRO-3 resumed run; its uninterrupted reference is the ZeRO-2 run (ZeRO stages give the
-    same losses), which saves one launch."""
-    tmp = tmp_path_factory.mktemp("zero3")
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY_YAML)
-    part, out_res = _interrupted_and_resumed(tmp, cfg, "deepspeed.config=configs/ds_zero3.json")
-    return dict(stage=3, cfg=cfg, full=zero2_runs["full"], part=part, out_resumed=out_res)
+def zero2_runs(tmp_path_factory):
+    return _stage_runs(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory):
+    return _stage_runs(tmp_path_factory, 3)
 
 
 @pytest.fixture(params=[2, 3], ids=["zero2", "zero3"])
 def runs(request):
+    """An uninterrupted 6-step run and a 3-step run resumed to 6 steps, per ZeRO stage."""
     return request.getfixturevalue(f"zero{request.param}_runs")
 
 
@@ -193,7 +192,7 @@ def test_loss_decreases_and_progress_is_reported(runs):
 
 
 def test_checkpoints_written_atomically(runs):
-    full, part = runs["full"], runs["part"]  # full: the ZeRO-2 uninterrupted run
+    full, part = runs["full"], runs["part"]
     assert (full / "latest").read_text() == "step00000006"
     assert sorted(p for p in os.listdir(full) if p.startswith("step")) == \
         ["step00000003", "step00000006"]
@@ -207,11 +206,16 @@ def test_checkpoints_written_atomically(runs):
 
 def test_resume_is_exact(runs):
     a, b = _metrics(runs["full"]), _metrics(runs["part"])
-    # ZeRO-2 against itself: exact; ZeRO-3 against ZeRO-2: fp32 reduction-order noise only
-    tol = 1e-6 if runs["stage"] == 2 else 1e-4
     for s in range(1, 7):  # 4..6 ran after resuming (step 4 starts a new epoch)
         for k in ("loss/total", "lr", "grad_norm", "logit_scale"):
-            assert b[s][k] == pytest.approx(a[s][k], rel=tol, abs=1e-7), (s, k, a[s][k], b[s][k])
+            assert b[s][k] == pytest.approx(a[s][k], rel=1e-6, abs=1e-7), (s, k, a[s][k], b[s][k])
+
+
+def test_zero_stages_agree(zero2_runs, zero3_runs):
+    # same first step on the same data and weights; later steps drift by fp32 reduction order
+    a, b = _metrics(zero2_runs["full"]), _metrics(zero3_runs["full"])
+    assert b[1]["loss/total"] == pytest.approx(a[1]["loss/total"], rel=1e-5)
+    assert b[1]["grad_norm"] == pytest.approx(a[1]["grad_norm"], rel=1e-4)
 
 
 def test_consolidated_export_loads(runs):
@@ -238,11 +242,11 @@ def test_consolidated_export_loads(runs):
         sd = loaded.state_dict()
         assert all(torch.equal(sd[k], v) for k, v in ck["model"].items())
     assert ck["model"]["logit_scale"].shape == torch.Size([])  # official 0-dim again
-    # resumed (this stage) and uninterrupted (ZeRO-2) runs export the same weights
+    # resumed and uninterrupted runs export the same weights
     ref = torch.load(runs["full"] / "export" / "tiny_step00000006.pth", map_location="cpu",
                      weights_only=True)
     for k, v in ref["model"].items():
-        torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ck["model"][k], v, rtol=1e-5, atol=1e-7)
 
 
 NAN_SCRIPT = r"""
