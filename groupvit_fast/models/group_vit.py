@@ -278,7 +278,7 @@ class GroupViT(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         # stochastic depth linearly spaced over all blocks
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         embed_dims = [int(embed_dim * f) for f in embed_factors]
         self.layers = nn.ModuleList()
         num_input_token = num_patches
