@@ -35,18 +35,20 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-RENDER_VERSION = 1  # bump when the renderer changes: it invalidates cached shards
+RENDER_VERSION = 2  # bump when the renderer changes: it invalidates cached shards
 
-# Class name -> (plural, fill texture).  Index in this tuple + 1 = mask label.
+# Class name -> (plural, fill texture, radius scale).  The radius scale evens out the areas of
+# the outlines (a triangle inscribed in the unit circle covers 1.3, a disc 3.1), so that no class
+# is systematically too small to cover whole 8x8 patches.
 _CLASS_TABLE = {
-    "circle": ("circles", "solid"),
-    "square": ("squares", "checker"),
-    "triangle": ("triangles", "stripes"),
-    "star": ("stars", "dots"),
-    "ring": ("rings", "bands"),
-    "cross": ("crosses", "grid"),
-    "heart": ("hearts", "split"),
-    "diamond": ("diamonds", "zigzag"),
+    "circle": ("circles", "solid", 0.9),
+    "square": ("squares", "checker", 1.0),
+    "triangle": ("triangles", "stripes", 1.35),
+    "star": ("stars", "dots", 1.2),
+    "ring": ("rings", "bands", 1.0),
+    "cross": ("crosses", "grid", 1.1),
+    "heart": ("hearts", "split", 1.0),
+    "diamond": ("diamonds", "zigzag", 1.3),
 }
 ALL_CLASSES: Tuple[str, ...] = tuple(_CLASS_TABLE)
 DEFAULT_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
@@ -68,10 +70,10 @@ class SyntheticConfig:
     n_test: int = 500
     classes: Tuple[str, ...] = DEFAULT_CLASSES
     #: probabilities of 1, 2, 3, 4 objects in a scene
-    object_count_probs: Tuple[float, ...] = (0.35, 0.35, 0.2, 0.1)
-    #: object diameter as a fraction of the image side
-    min_size: float = 0.28
-    max_size: float = 0.55
+    object_count_probs: Tuple[float, ...] = (0.4, 0.35, 0.2, 0.05)
+    #: object diameter as a fraction of the image side (before the per-class area correction)
+    min_size: float = 0.35
+    max_size: float = 0.65
     #: each object must keep this fraction of its own area visible after occlusion
     min_visible: float = 0.5
     #: probability that an object repeats a class already in the scene ("two stars")
@@ -213,7 +215,7 @@ def _texture(kind, pu, pv, period):
 def _object_layer(rng, name, size, cfg, yy, xx):
     """One object: (inside mask [H,W] bool, rgb [H,W,3] float) at a random pose and colour."""
     diam = rng.uniform(cfg.min_size, cfg.max_size) * size
-    r = diam / 2
+    r = diam / 2 * _CLASS_TABLE[name][2]
     # the outline may cross the frame border by up to 0.15 r: edge objects stay recognisable
     lo, hi = 0.85 * r, size - 0.85 * r
     cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
@@ -343,23 +345,56 @@ def _split_dir(cfg: SyntheticConfig, cache_dir: Optional[str]) -> str:
     return os.path.join(cache_dir or default_cache_dir(), "synthetic", cfg.config_hash())
 
 
-def write_split(cfg: SyntheticConfig, split: str, out_dir: str, verbose: bool = False) -> List[str]:
-    """Render ``split`` into ``out_dir/<split>-%06d.tar`` (+ DALI .idx). Eval splits carry masks."""
+def _encoded_sample(cfg: SyntheticConfig, split: str, i: int) -> Dict[str, object]:
+    image, mask, caption = render_sample(cfg, split, i)
+    sample: Dict[str, object] = {"jpg": _encode(image, "jpg", cfg.jpeg_quality), "txt": caption}
+    if split != "train":
+        sample["mask.png"] = _encode(mask, "png")
+        present = sorted(int(c) for c in np.unique(mask) if c)
+        sample["json"] = json.dumps({"index": i, "classes": present})
+    return sample
+
+
+def _encoded_chunk(args):
+    cfg, split, lo, hi = args
+    return [_encoded_sample(cfg, split, i) for i in range(lo, hi)]
+
+
+def write_split(cfg: SyntheticConfig, split: str, out_dir: str, verbose: bool = False,
+                workers: Optional[int] = None) -> List[str]:
+    """Render ``split`` into ``out_dir/<split>-%06d.tar`` (+ DALI .idx). Eval splits carry masks.
+
+    Large splits are rendered by a process pool (``workers``, default: the CPU count, at most 8);
+    each sample has its own seed, so the shards are byte-identical for any worker count.
+    """
     from .shards import ShardWriter
     n = cfg.n(split)
     if n <= 0:
         return []
-    with ShardWriter(os.path.join(out_dir, f"{split}-%06d.tar"), maxcount=cfg.shard_size) as w:
-        for i in range(n):
-            image, mask, caption = render_sample(cfg, split, i)
-            sample = {"jpg": _encode(image, "jpg", cfg.jpeg_quality), "txt": caption}
-            if split != "train":
-                sample["mask.png"] = _encode(mask, "png")
-                present = sorted(int(c) for c in np.unique(mask) if c)
-                sample["json"] = json.dumps({"index": i, "classes": present})
-            w.write(f"{split}{i:08d}", sample)
-            if verbose and (i + 1) % 5000 == 0:
-                print(f"synthetic: {split} {i + 1}/{n}", flush=True)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if n >= 2000 else 1
+    chunk = 256
+    jobs = [(cfg, split, lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork").Pool(workers)
+        chunks = pool.imap(_encoded_chunk, jobs)
+    else:
+        chunks = map(_encoded_chunk, jobs)
+    try:
+        with ShardWriter(os.path.join(out_dir, f"{split}-%06d.tar"), maxcount=cfg.shard_size) as w:
+            i = 0
+            for samples in chunks:
+                for sample in samples:
+                    w.write(f"{split}{i:08d}", sample)
+                    i += 1
+                    if verbose and i % 5000 == 0:
+                        print(f"synthetic: {split} {i}/{n}", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return w.closed_shards
 
 
