@@ -138,28 +138,31 @@ def draw_boundaries(image: np.ndarray, labels: np.ndarray, colour=(255, 255, 255
 
 def render_panel(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                  groups: Optional[Sequence[np.ndarray]] = None, with_bg: bool = False,
-                 num_groups: Optional[Sequence[int]] = None, max_side: int = 512):
+                 num_groups: Optional[Sequence[int]] = None, max_side: int = 512,
+                 min_width: int = 256):
     """One picture: input | prediction overlay (+ legend of predicted classes) | stage groups.
     Returns a PIL image."""
     from PIL import Image, ImageDraw
     image = np.asarray(image)
     H, W = labels.shape
     pal = class_palette(len(class_names), with_bg)
-    pred = draw_labels(draw_boundaries(blend(image, labels, pal, 0.5, with_bg), labels), labels,
-                       class_names, with_bg)
+    pred = draw_boundaries(blend(image, labels, pal, 0.5, with_bg), labels)
     tiles = [('input', image), ('prediction', pred)]
     if groups:
         ng = list(num_groups) if num_groups else [int(g.max()) + 1 for g in groups]
         for s, (g, gp) in enumerate(zip(groups, group_palettes(ng))):
             tiles.append((f'stage-{s + 1} groups ({ng[s]})',
                           draw_boundaries(blend(image, g, gp, 0.5, False), g)))
+    # large images shrink to max_side; tiny ones grow so titles and the legend stay legible
     scale = min(1.0, max_side / max(H, W))
+    if W * scale < min_width:
+        scale = min_width / W
     tw, th = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
     font = _font(14)
     title_h, gap = 22, 8
     present = [int(c) for c in np.unique(labels)]
-    legend = _legend(class_names, present, pal, tw, font)
     canvas_w = len(tiles) * tw + (len(tiles) + 1) * gap
+    legend = _legend(class_names, present, pal, canvas_w - tw - 3 * gap, font)
     canvas_h = title_h + th + legend.height + 2 * gap
     canvas = Image.new('RGB', (canvas_w, canvas_h), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
@@ -168,6 +171,10 @@ def render_panel(image: np.ndarray, labels: np.ndarray, class_names: Sequence[st
         d.text((x, 4), title, fill=(0, 0, 0), font=font)
         # nearest keeps label boundaries crisp in the downscaled label tiles
         tile = Image.fromarray(arr).resize((tw, th), Image.BILINEAR if i == 0 else Image.NEAREST)
+        if i == 1:  # class names drawn at display size, so the text stays crisp
+            small = Image.fromarray(np.asarray(labels, dtype=np.int32)).resize((tw, th), Image.NEAREST)
+            tile = Image.fromarray(draw_labels(np.asarray(tile), np.asarray(small), class_names,
+                                               with_bg))
         canvas.paste(tile, (x, title_h))
     canvas.paste(legend, (gap + tw + gap, title_h + th + gap))
     return canvas
