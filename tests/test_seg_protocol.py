@@ -199,3 +199,26 @@ def test_autocast_option_runs_and_keeps_fp32_scoring(model):
     out = seg.predict(im, return_scores=True)
     assert out.scores.dtype == torch.float32 and out.labels.shape == (70, 90)
     assert out.labels.max() < 6
+
+
+def test_encoder_passes_fast_once_per_window_official_twice(model):
+    from groupvit_fast.seg.transforms import preprocess, slide_windows
+    ims = _images(2)[:3]
+    n_windows = 0
+    for im in ims:
+        x, _ = preprocess(im, SCALE)
+        n_windows += len(slide_windows(x.shape[1], x.shape[2], (64, 64), (32, 32)))
+    seen = []
+    h = model.img_encoder.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    try:
+        temb = F.normalize(torch.randn(3, 32), dim=-1)
+        kw = dict(text_embedding=temb, img_scale=SCALE, crop=64, stride=32)
+        ZeroShotSegmenter(model, NAMES[:4], batch_size=64, **kw).predict_batch(ims)
+        fast = list(seen)
+        seen.clear()
+        ZeroShotSegmenter(model, NAMES[:4], protocol='official', **kw).predict_batch(ims)
+        official = list(seen)
+    finally:
+        h.remove()
+    assert sum(fast) == n_windows and len(fast) < n_windows  # one pass each, batched
+    assert official == [1] * (2 * n_windows)  # batch 1, two passes per window

@@ -19,7 +19,6 @@ import glob
 import os
 import shutil
 import sys
-from functools import partial
 from typing import Optional
 
 import numpy as np

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
