@@ -13,6 +13,10 @@ Two protocols give the same masks:
   becomes a gather (1·p + 0·q… is exactly p) and scores are added in place into the window
   slice (adding the official zero padding is an exact no-op). The per-window scoring keeps
   the official op order and shapes, so masks are identical.
+
+This is the official scoring, not Hugging Face's ``segmentation_logits`` (interop §6.4, §7): HF
+has no clamp of the logit scale, no one-hot group argmax, no top-5 gate and no background
+class, and applies the logit scale twice.
 """
 from __future__ import annotations
 
