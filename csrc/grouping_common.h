@@ -13,6 +13,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define GVF_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU kernel's vectorised row loops are target_clones/optimize-attributed
+// functions, into which GCC does not inline plain inline functions.
+#define GVF_HD inline __attribute__((always_inline))
 #else
 #define GVF_HD inline
 #endif
@@ -29,16 +33,13 @@ GVF_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-// First 32-bit word of Philox4x32-10 for counter (offset_lo, offset_hi, 0, 0) and key
-// (seed_lo, seed_hi): Triton's `tl.randint(seed, offset)`.
-GVF_HD uint32_t philox_first(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset);
-  uint32_t c1 = static_cast<uint32_t>(offset >> 32);
+// First 32-bit word of Philox4x32-10 for counter (c0, c1, 0, 0) and key (k0, k1).
+GVF_HD uint32_t philox_first32(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
   uint32_t c2 = 0u, c3 = 0u;
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int r = 0; r < 10; ++r) {
     const uint32_t a0 = c0, a2 = c2;
@@ -50,6 +51,13 @@ GVF_HD uint32_t philox_first(uint64_t seed, uint64_t offset) {
     k1 += kPhiloxKeyB;
   }
   return c0;
+}
+
+// Triton's `tl.randint(seed, offset)`: counter (offset_lo, offset_hi, 0, 0), key
+// (seed_lo, seed_hi).
+GVF_HD uint32_t philox_first(uint64_t seed, uint64_t offset) {
+  return philox_first32(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // Triton's uint_to_uniform_float: a uint32 as int32, negatives folded with ~x, times

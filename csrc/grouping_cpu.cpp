@@ -31,14 +31,16 @@ constexpr int64_t kChunk = 16;  // tokens per inner block
 // not vectorise, so the noise and softmax rows use Cephes-style polynomials (max error about
 // 2 ulp in the ranges used here); Philox is plain 32-bit integer arithmetic and vectorises.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GVF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// no-trapping-math lets GCC if-convert the polynomial's selects, i.e. vectorise the rows.
+#define GVF_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math")))
 #else
 #define GVF_CLONES
 #endif
 #define GVF_ALWAYS_INLINE inline __attribute__((always_inline))
 
-GVF_ALWAYS_INLINE float bits_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
-GVF_ALWAYS_INLINE int32_t float_bits(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+GVF_ALWAYS_INLINE float bits_float(int32_t i) { return __builtin_bit_cast(float, i); }
+GVF_ALWAYS_INLINE int32_t float_bits(float f) { return __builtin_bit_cast(int32_t, f); }
 
 // log(x) for normal x > 0 (Cephes logf). For x in [sqrt(1/2), 1) it evaluates the polynomial
 // at x - 1, which is exact, so -log(u) near u = 1 keeps full relative precision.
@@ -84,15 +86,22 @@ GVF_ALWAYS_INLINE float poly_expf(float x) {
   return y * bits_float((static_cast<int32_t>(fx) + 127) << 23);
 }
 
-GVF_ALWAYS_INLINE float fast_gumbel(uint64_t seed, uint64_t offset) {
-  float u = gvf::uint_to_uniform(gvf::philox_first(seed, offset));
-  u = u < gvf::kUniformLo ? gvf::kUniformLo : (u > gvf::kUniformHi ? gvf::kUniformHi : u);
-  return -poly_logf(-poly_logf(u));
-}
-
 // out[n] = Gumbel noise of offsets base .. base+len-1 (same stream as gvf::gumbel_noise).
 GVF_CLONES void gumbel_row(float* __restrict__ out, uint64_t seed, uint64_t base, int64_t len) {
-  for (int64_t n = 0; n < len; ++n) out[n] = fast_gumbel(seed, base + static_cast<uint64_t>(n));
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  int64_t n = 0;
+  while (n < len) {  // segments where the high counter word is constant (almost always one)
+    const uint64_t off = base + static_cast<uint64_t>(n);
+    const uint32_t lo = static_cast<uint32_t>(off), hi = static_cast<uint32_t>(off >> 32);
+    const int64_t seg = std::min<int64_t>(len - n, static_cast<int64_t>((1ull << 32) - lo));
+    float* o = out + n;
+    for (int64_t j = 0; j < seg; ++j) {
+      float u = gvf::uint_to_uniform(gvf::philox_first32(lo + static_cast<uint32_t>(j), hi, k0, k1));
+      u = u < gvf::kUniformLo ? gvf::kUniformLo : (u > gvf::kUniformHi ? gvf::kUniformHi : u);
+      o[j] = -poly_logf(-poly_logf(u));
+    }
+    n += seg;
+  }
 }
 
 // row[n] = exp(row[n] - m[n]); sum[n] += row[n]
