@@ -154,7 +154,8 @@ def consolidated_state_dict(output_dir: str, tag: str, zero_stage: int):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     import contextlib
     import io
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+    # it prints per-tensor progress and a tqdm bar
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         sd = get_fp32_state_dict_from_zero_checkpoint(output_dir, tag=tag)
     return {k: v.contiguous() for k, v in sd.items()}
 

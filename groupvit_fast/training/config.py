@@ -49,6 +49,10 @@ class OptimSection:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: float = 5.0
+    # with accumulation > 1: GradCache (groupvit_fast.training.grad_cache) so one optimizer step
+    # contrasts the whole global batch (negatives, projector BN) as the official 16-GPU run did;
+    # False = plain accumulation (each micro batch only sees micro × world negatives)
+    grad_cache: bool = True
     precision: str = "auto"  # 'auto' (bf16 on a bf16 GPU, else fp32) | 'fp32' | 'bf16' | 'fp16'
     seed: int = 0
     max_steps: Optional[int] = None  # stop early (the schedule still spans all epochs)

@@ -101,24 +101,34 @@ def build_loader(cfg, *, rank: int, world_size: int, batch_size: int, seed: int,
 
 
 def make_data_config(cfg):
-    """groupvit_fast.data.DataConfig from our data section: shared field names carry over,
-    ``data.options`` is passed as extra keyword arguments; multi_label follows the model."""
+    """groupvit_fast.data.DataConfig from our data section. ``data.dataset='synthetic'`` uses the
+    data package's recipe for the embedded scenes (``DataConfig.synthetic_recipe``); any other
+    name needs webdataset shards in ``data.options.shards``. Image size, loader backend and
+    length carry over; K prompts and the context length follow the model; ``data.options`` is
+    passed on as DataConfig keyword arguments (checked against its fields)."""
     from groupvit_fast.data import DataConfig
     d = cfg.data
     names = {f.name for f in dataclasses.fields(DataConfig)} if dataclasses.is_dataclass(
         DataConfig) else set(inspect.signature(DataConfig).parameters)
-    kw = {}
-    for key, val in (("dataset", d.dataset), ("name", d.dataset), ("loader", d.loader),
-                     ("img_size", d.img_size), ("length", d.length),
-                     ("multi_label", cfg.model.multi_label),
-                     ("context_length", cfg.model.text.context_length)):
-        if key in names and val is not None:
-            kw[key] = val
     unknown = sorted(set(d.options) - names)
     if unknown:
         raise ValueError(f"data.options has field(s) {unknown} that groupvit_fast.data.DataConfig "
                          f"does not know; valid: {sorted(names)}")
+    kw = dict(loader=d.loader, image_size=d.img_size, multi_label=cfg.model.multi_label,
+              context_length=cfg.model.text.context_length)
+    if d.length is not None:
+        kw["length"] = d.length
+    kw = {k: v for k, v in kw.items() if k in names}
     kw.update(d.options)
+    if d.dataset == "synthetic":
+        if kw.get("shards"):
+            raise ValueError("data.dataset=synthetic takes no data.options.shards (the embedded "
+                             "set writes its own); use another dataset name for your shards")
+        return DataConfig.synthetic_recipe(**kw)
+    if not kw.get("shards"):
+        raise ValueError(f"data.dataset={d.dataset!r} needs webdataset shards: set "
+                         f"data.options.shards (a list of files, globs or brace patterns such as "
+                         f"'local_data/gcc3m_shards/gcc-train-{{000000..000436}}.tar')")
     return DataConfig(**kw)
 
 

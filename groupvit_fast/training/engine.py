@@ -136,18 +136,17 @@ def _gathered(params):
         yield
 
 
-def _full_state_dict_rank0(module, rank: int) -> Optional[dict]:
-    """Collective: a CPU fp32 copy of the full state_dict on rank 0 (any ZeRO stage)."""
+def _full_state_dict(module) -> dict:
+    """Collective: a CPU fp32 copy of the full state_dict on every rank (any ZeRO stage)."""
     with _gathered(list(module.parameters())):
-        if rank != 0:
-            return None
         return {k: (v.detach().float().cpu().clone() if v.is_floating_point()
                     else v.detach().cpu().clone()) for k, v in module.state_dict().items()}
 
 
-def run_seg_eval(model, cfg: TrainConfig) -> Optional[dict]:
-    """Zero-shot segmentation of the embedded eval split with groupvit_fast.seg; None when the
-    segmentation package or the dataset is not available (reported, never fatal)."""
+def run_seg_eval(model, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Optional[dict]:
+    """Zero-shot segmentation mIoU of ``monitor.eval_dataset`` (val split) with groupvit_fast.seg.
+    Collective when distributed: every rank segments its share of the images and the
+    intersect/union histograms are all-reduced inside ``evaluate_dataset``."""
     name = cfg.monitor.eval_dataset
     if not name:
         return None
@@ -158,8 +157,8 @@ def run_seg_eval(model, cfg: TrainConfig) -> Optional[dict]:
     if getattr(ds, "bg_thresh", None) is not None:
         opts.setdefault("bg_thresh", ds.bg_thresh)
     seg = ZeroShotSegmenter(model, ds.class_names, **opts)
-    return evaluate_dataset(seg, ds, rank=0, world_size=1, limit=cfg.monitor.eval_max_images,
-                            progress=False)
+    return evaluate_dataset(seg, ds, rank=rank, world_size=world,
+                            limit=cfg.monitor.eval_max_images, progress=False)
 
 
 def _ds_initialize(model, optimizer, ds_conf):
@@ -188,6 +187,14 @@ def official_shapes(state_dict: dict, reference: dict) -> dict:
     return out
 
 
+def _check_finite(vec: torch.Tensor, step: int, epoch: int, lr: float, last_ckpt):
+    if not bool(torch.isfinite(vec).all()):
+        raise NonFiniteLoss(
+            f"loss is {vec[0].item()} at step {step} (epoch {epoch}, lr {lr:.3g}); stopped "
+            f"without saving. Last good checkpoint: {last_ckpt or 'none yet'} (resume with "
+            f"--resume, e.g. with a lower train.base_lr or train.precision=fp32)")
+
+
 @dataclasses.dataclass
 class TrainResult:
     steps: int
@@ -208,7 +215,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
     import torch.distributed as dist
 
     is_main = rank == 0
-    say = log if is_main else (lambda *a, **k: None)
+    say = (lambda *a: log(*a, flush=True)) if is_main else (lambda *a: None)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -308,27 +315,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
         mon.write(f"[train] checkpoint {last_ckpt}")
 
     def evaluate():
+        """Every rank evaluates a copy of the full model on its share of the images (ZeRO-3
+        parameters are gathered first); the RNG streams are restored afterwards so evaluating
+        never changes the training trajectory."""
         if not cfg.monitor.eval_dataset:
             return None
-        sd = _full_state_dict_rank0(engine.module, rank)
-        res = None
-        if is_main:
-            rng = ckpt.rng_state()  # evaluation must not shift the training RNG stream
-            try:
-                m = build_model(cfg.model)
-                m.load_state_dict(official_shapes(sd, m.state_dict()))
-                m.to(device).eval()
-                res = run_seg_eval(m, cfg)
-                if res is not None:
-                    mon.write(f"[train] step {step}: zero-shot {cfg.monitor.eval_dataset} mIoU "
-                              f"{res['mIoU']}")
-                    if res.get("mIoU") is not None:
-                        mon.scalar("eval/mIoU", res["mIoU"], step)
-            except Exception as e:  # the hook must not kill a long run
-                mon.write(f"[train] step {step}: segmentation eval skipped: "
-                          f"{type(e).__name__}: {e}")
-            finally:
-                ckpt.set_rng_state(rng)
+        sd = _full_state_dict(engine.module)
+        rng = ckpt.rng_state()
+        res, err = None, None
+        try:
+            m = build_model(cfg.model)
+            m.load_state_dict(official_shapes(sd, m.state_dict()))
+            m.to(device).eval()
+            res = run_seg_eval(m, cfg, rank, world)
+        except Exception as e:  # the hook must not kill a long run
+            err = f"{type(e).__name__}: {e}"
+        finally:
+            ckpt.set_rng_state(rng)
+        if err:
+            # a failure before the collective inside evaluate_dataset happens on every rank alike
+            mon.write(f"[train] step {step}: segmentation eval skipped: {err}")
+        elif res is not None:
+            mon.write(f"[train] step {step}: zero-shot {cfg.monitor.eval_dataset} mIoU "
+                      f"{res['mIoU']} ({res.get('num_images')} images, {res.get('seconds', 0):.0f} s)")
+            if res.get("mIoU") is not None:
+                mon.scalar("eval/mIoU", res["mIoU"], step)
         dist.barrier()
         return res
 
@@ -350,7 +361,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             for g in opt_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            acc = None
+            use_gc = t.grad_cache and plan.grad_accum > 1
+            micro = []
             for _ in range(plan.grad_accum):
                 try:
                     images, texts = next(it)
@@ -359,26 +371,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                         f"the loader ended after {micro_in_epoch} micro-batches of epoch {epoch} "
                         f"but len() promised {micro_per_epoch}") from None
                 micro_in_epoch += 1
-                images = images.to(device, dtype=model_dtype, non_blocking=True)
-                texts = texts.to(device, non_blocking=True)
-                out = engine(images, texts)
+                micro.append((images.to(device, dtype=model_dtype, non_blocking=True),
+                              texts.to(device, non_blocking=True)))
+            if use_gc:
+                # one global-batch objective over all micro batches; runs the engine steps
+                from .grad_cache import grad_cache_step
+                out = grad_cache_step(engine, micro)
                 if loss_keys is None:
-                    loss_keys = sorted(k for k in out if "loss" in k)
-                total = sum(out[k] for k in loss_keys)
-                vec = torch.stack([total.detach().float()] +
+                    loss_keys = sorted(k for k in out if "loss" in k and k != "total_loss")
+                vec = torch.stack([sum(out[k].detach().float() for k in loss_keys)] +
                                   [out[k].detach().float() for k in loss_keys])
-                dist.all_reduce(vec)  # NaN anywhere reaches every rank
-                vec = vec / world
-                if not bool(torch.isfinite(vec).all()):
-                    raise NonFiniteLoss(
-                        f"loss is {vec[0].item()} at step {step} (epoch {epoch}, lr {lr:.3g}); "
-                        f"stopped without saving. Last good checkpoint: "
-                        f"{last_ckpt or 'none yet'} (resume with --resume, e.g. with a lower "
-                        f"train.base_lr or train.precision=fp32)")
-                engine.backward(total)
-                engine.step()
-                acc = vec if acc is None else acc + vec
-            acc = (acc / plan.grad_accum).tolist()
+                dist.all_reduce(vec)
+                acc = vec / world
+                # the step already ran inside grad_cache_step; nothing is saved after it, so the
+                # last checkpoint on disk is still the last good one
+                _check_finite(acc, step, epoch, lr, last_ckpt)
+            else:
+                acc = None
+                for images, texts in micro:
+                    out = engine(images, texts)
+                    if loss_keys is None:
+                        loss_keys = sorted(k for k in out if "loss" in k)
+                    total = sum(out[k] for k in loss_keys)
+                    vec = torch.stack([total.detach().float()] +
+                                      [out[k].detach().float() for k in loss_keys])
+                    dist.all_reduce(vec)  # NaN anywhere reaches every rank
+                    vec = vec / world
+                    _check_finite(vec, step, epoch, lr, last_ckpt)  # before backward/step
+                    engine.backward(total)
+                    engine.step()
+                    acc = vec if acc is None else acc + vec
+                acc = acc / plan.grad_accum
+            acc = acc.tolist()
             step += 1
             dt = time.perf_counter() - t0
             if step > 1 or resume:
@@ -414,6 +438,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             eval_res = evaluate()
     finally:
         mon.close()
+    if is_main and eval_res is not None:
+        ckpt.atomic_write_text(os.path.join(out_dir, "eval.json"),
+                               json.dumps({"step": step, "dataset": cfg.monitor.eval_dataset,
+                                           **eval_res}, indent=1, default=str))
     mem = peak_memory_mib(device)
     mean_dt = float(np.mean(step_times)) if step_times else float("nan")
     result = TrainResult(steps=step, final_loss=losses_hist[-1] if losses_hist else float("nan"),

@@ -127,29 +127,42 @@ def _encode(net: nn.Module, image: torch.Tensor, text: torch.Tensor):
 class SavedTensorMeter:
     """Counts the bytes autograd saves for backward while entered, and the peak of those still
     alive (a saved tensor is released when its graph is freed). Storage shared by several saved
-    tensors (views, parameters) is counted once per storage."""
+    tensors (views) is counted once; weights and views of weights are not counted. Saved-tensor
+    hooks do not nest (the innermost wins), so a meter entered inside another passes its counts
+    on to ``parent``."""
 
-    def __init__(self):
+    def __init__(self, parent: Optional["SavedTensorMeter"] = None):
         self.live = 0
         self.peak = 0
-        self._refs: Dict[int, int] = {}
+        self.parent = parent
+        self._refs: Dict[Tuple[int, int], int] = {}
+
+    def _acquire(self, key):
+        n = self._refs.get(key, 0)
+        if n == 0:
+            self.live += key[1]
+            self.peak = max(self.peak, self.live)
+        self._refs[key] = n + 1
+
+    def _release(self, key):
+        n = self._refs.get(key)
+        if n is None:
+            return
+        if n == 1:
+            del self._refs[key]
+            self.live -= key[1]
+        else:
+            self._refs[key] = n - 1
 
     class _Packed:
-        __slots__ = ("t", "meter", "key")
+        __slots__ = ("t", "meters", "key")
 
-        def __init__(self, t, meter, key):
-            self.t, self.meter, self.key = t, meter, key
+        def __init__(self, t, meters, key):
+            self.t, self.meters, self.key = t, meters, key
 
         def __del__(self):
-            m = self.meter
-            n = m._refs.get(self.key)
-            if n is None:
-                return
-            if n == 1:
-                del m._refs[self.key]
-                m.live -= self.key[1]
-            else:
-                m._refs[self.key] = n - 1
+            for m in self.meters:
+                m._release(self.key)
 
     def _pack(self, t):
         base = t._base if t._base is not None else t
@@ -157,12 +170,12 @@ class SavedTensorMeter:
             return t  # weights and views of them (w.t()) are not activations
         st = t.untyped_storage()
         key = (st.data_ptr(), st.nbytes())
-        n = self._refs.get(key, 0)
-        if n == 0:
-            self.live += key[1]
-            self.peak = max(self.peak, self.live)
-        self._refs[key] = n + 1
-        return SavedTensorMeter._Packed(t, self, key)
+        meters, m = [], self
+        while m is not None:
+            m._acquire(key)
+            meters.append(m)
+            m = m.parent
+        return SavedTensorMeter._Packed(t, meters, key)
 
     @staticmethod
     def _unpack(p):
