@@ -68,7 +68,8 @@ def run_one(spec: dict) -> dict:
     torch.set_num_threads(max(1, spec["threads"]))
     cfg = DataConfig(shards=spec["shards"], cache_dir=spec["cache_dir"], loader=spec["backend"],
                      dali_device=spec.get("dali_device", "auto"), image_size=spec["image_size"],
-                     num_threads=spec["threads"], shuffle_buffer=1000, randaugment=spec["randaugment"])
+                     num_threads=spec["threads"], shuffle_buffer=1000, randaugment=spec["randaugment"],
+                     randaugment_interp=spec["randaugment_interp"])
     device = "cuda" if spec.get("dali_device") == "mixed" else "cpu"
     import psutil
     proc = psutil.Process()
@@ -123,7 +124,10 @@ def main():
     p.add_argument("--n-images", type=int, default=2048, help="size of the cached bench shard set")
     p.add_argument("--source-size", type=int, default=512,
                    help="longer side of the stored JPEGs (official img2dataset shards: 512)")
-    p.add_argument("--no-randaugment", action="store_true")
+    p.add_argument("--augs", nargs="+", default=["official", "ra-nearest", "no-ra"],
+                   choices=["official", "ra-nearest", "no-ra"],
+                   help="official: RRC+flip+RandAugment m9 (bilinear)+erasing; ra-nearest: RandAugment's "
+                        "geometric ops with nearest interpolation; no-ra: without RandAugment")
     p.add_argument("--loaders", nargs="+", default=None,
                    help="subset of dali-cpu dali-mixed torch (default: all available)")
     p.add_argument("--cache-dir", default=None)
@@ -147,12 +151,13 @@ def main():
     out = a.out or os.path.join(ROOT, "bench", "results",
                                 f"data-{dev}-fp32-pt{torch.__version__.split('+')[0]}.csv")
     rows = []
-    for name in loaders:
-        for th in a.threads:
+    for aug, name, th in [(g, n, t) for g in a.augs for n in loaders for t in a.threads]:
+        if True:
             spec = dict(backend="torch" if name == "torch" else "dali",
                         dali_device={"dali-cpu": "cpu", "dali-mixed": "mixed"}.get(name, "auto"),
                         threads=th, batch_size=a.batch_size, batches=a.batches, image_size=a.image_size,
-                        shards=shards, cache_dir=a.cache_dir, randaugment=not a.no_randaugment)
+                        shards=shards, cache_dir=a.cache_dir, randaugment=aug != "no-ra",
+                        randaugment_interp="nearest" if aug == "ra-nearest" else "linear")
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                                capture_output=True, text=True)
             line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -162,11 +167,12 @@ def main():
             res = json.loads(line[0][7:])
             row = dict(loader=name, threads=th, source_size=a.source_size, image_size=a.image_size,
                        batch_size=a.batch_size,
-                       augmentation="rrc0.08+flip+" + ("ra-m9+" if not a.no_randaugment else "") + "erase0.25",
+                       augmentation="rrc0.08+flip+" + {"official": "ra-m9+", "ra-nearest": "ra-m9-nearest+",
+                                                        "no-ra": ""}[aug] + "erase0.25",
                        multi_label=3, **res, host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
                        torch=torch.__version__, python=platform.python_version())
             rows.append(row)
-            print(f"{name:10s} threads={th}: {res['images_per_s']:8.1f} img/s wall, "
+            print(f"{aug:8s} {name:10s} threads={th}: {res['images_per_s']:8.1f} img/s wall, "
                   f"{res['images_per_cpu_s']:7.1f} img per CPU-s  first batch {res['first_batch_s']:5.1f}s"
                   f"  peak RSS {res['peak_rss_mb']} MB (largest child {res['peak_child_rss_mb']} MB)"
                   f"  load {row['load_avg_1m']}", flush=True)
@@ -177,11 +183,11 @@ def main():
             w.writeheader()
             w.writerows(rows)
         print(f"wrote {out}")
-        by = {(r["loader"], r["threads"]): r for r in rows}
-        for th in a.threads:
-            if ("dali-cpu", th) in by and ("torch", th) in by:
-                d, t = by[("dali-cpu", th)], by[("torch", th)]
-                print(f"threads={th}: DALI cpu / torch = {d['images_per_s'] / t['images_per_s']:.2f}x wall, "
+        by = {(r["augmentation"], r["loader"], r["threads"]): r for r in rows}
+        for (aug, ld, th), d in by.items():
+            t = by.get((aug, "torch", th))
+            if ld == "dali-cpu" and t is not None:
+                print(f"{aug} threads={th}: DALI cpu / torch = {d['images_per_s'] / t['images_per_s']:.2f}x wall, "
                       f"{d['images_per_cpu_s'] / t['images_per_cpu_s']:.2f}x per CPU-second (target >= 1.5x)")
 
 

@@ -254,6 +254,8 @@ def test_config_validation():
         DataConfig(loader="fast")
     with pytest.raises(ValueError, match="crop_scale"):
         DataConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="randaugment_interp"):
+        DataConfig(randaugment_interp="cubic")
     d = DataConfig()
     assert (d.image_size, d.crop_scale, d.randaugment, d.erasing_p, d.multi_label) == (224, (0.08, 1.0), True,
                                                                                       0.25, 3)
@@ -280,3 +282,22 @@ def test_eval_loader(syn):
     batches = list(ev)
     assert len(batches) == len(ev) == 4 and sum(b[0].shape[0] for b in batches) == 16
     assert batches[0][1].shape == (5, 77)
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_eval_pipeline_matches_torch_eval_transform(syn):
+    from groupvit_fast.data.loader import build_dali_pipeline, index_shards, write_filtered_indices
+    from groupvit_fast.data.shards import DataStats
+    cfg, cache = syn
+    dc = DataConfig(synthetic=cfg, cache_dir=cache, image_size=56, eval_resize_ratio=64 / 56)
+    val = ensure_shards(cfg, cache, splits=("val",))["val"]
+    refs = index_shards(val, DataStats())
+    paths, idxs = write_filtered_indices(refs, os.path.join(cache, "idx"))
+    pipe = build_dali_pipeline(dc, paths, idxs, batch_size=16, shard_id=0, num_shards=1, seed=0,
+                               train=False, num_threads=1)
+    img, txt, info = pipe.run()
+    dali = torch.from_numpy(np.array(img.as_tensor()))
+    assert dali.shape == (16, 3, 56, 56)
+    # same order as the torch eval loader (no shuffling): centre crops of the same pictures
+    ev = torch.cat([b[0] for b in build_eval_loader(dc, val, batch_size=16)])
+    assert (dali - ev).abs().mean() < 0.05

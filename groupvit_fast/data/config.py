@@ -30,6 +30,9 @@ class DataConfig:
     randaugment: bool = True
     randaugment_n: int = 2
     randaugment_m: int = 9
+    #: interpolation of RandAugment's geometric ops: 'linear' (timm: bilinear/bicubic) or 'nearest'
+    #: (an opt-in speed-up: DALI's CPU warp costs ~2.8 ms per 224^2 image linear, ~0.3 ms nearest)
+    randaugment_interp: str = "linear"
     # RandomErasing mode 'pixel', count 1, area 0.02-1/3, log-aspect 0.3-3.3
     erasing_p: float = 0.25
     mean: Tuple[float, float, float] = IMAGENET_MEAN
@@ -61,6 +64,9 @@ class DataConfig:
             raise ValueError(f"DataConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         if not 0 <= self.erasing_p <= 1 or not 0 <= self.hflip <= 1:
             raise ValueError("DataConfig.erasing_p and hflip are probabilities in [0, 1]")
+        if self.randaugment_interp not in ("linear", "nearest"):
+            raise ValueError(f"DataConfig.randaugment_interp must be 'linear' or 'nearest', "
+                             f"got {self.randaugment_interp!r}")
         if self.randaugment and not 0 <= self.randaugment_m <= 10:
             raise ValueError(f"DataConfig.randaugment_m is on timm's 0..10 scale, got {self.randaugment_m}")
 

@@ -464,13 +464,17 @@ def build_dali_pipeline(cfg: DataConfig, paths: Sequence[str], index_paths: Sequ
                 jpg, device=decode_device, output_type=types.RGB,
                 random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
                 num_attempts=10)
-            img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=False)
+            # antialiased like PIL's bilinear resize in timm's RandomResizedCrop
+            img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
             if use_ra:
                 from nvidia.dali.auto_aug import rand_augment
                 # 11 bins: m=9 is 9/10 of the maximal magnitude, timm's rand-m9 scale
                 img = rand_augment.rand_augment(img, n=cfg.randaugment_n, m=cfg.randaugment_m,
                                                 num_magnitude_bins=11, shape=[size, size],
-                                                max_translate_rel=0.45, fill_value=124)
+                                                max_translate_rel=0.45, fill_value=124,
+                                                interp_type=(types.INTERP_NN
+                                                             if cfg.randaugment_interp == "nearest"
+                                                             else types.INTERP_LINEAR))
             mirror = fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0
             img = fn.crop_mirror_normalize(img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                            mean=mean, std=std)

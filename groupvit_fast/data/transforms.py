@@ -57,6 +57,9 @@ def pil_train_transform(cfg: DataConfig):
         # torchvision's magnitude is on 0..num_magnitude_bins-1; 11 bins makes m9 = 9/10 like timm
         ops.append(T.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m,
                                  num_magnitude_bins=11,
+                                 interpolation=(T.InterpolationMode.NEAREST
+                                                if cfg.randaugment_interp == "nearest"
+                                                else T.InterpolationMode.BILINEAR),
                                  fill=[int(255 * m) for m in cfg.mean]))
     ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(ops)
