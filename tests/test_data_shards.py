@@ -97,13 +97,14 @@ def _folder(tmp_path):
     return imgs, rows
 
 
-def test_make_shards_from_folder_and_tsv(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_make_shards_from_folder_and_tsv(tmp_path, capsys, workers):
     imgs, rows = _folder(tmp_path)
     tsv = tmp_path / "caps.tsv"
     tsv.write_text("caption\timage\n" + "".join(f"{c}\t{f}\n" for f, c in rows))
     out = tmp_path / "out"
     rc = make_shards_main(["--images", str(imgs), "--captions", str(tsv), "--out", str(out),
-                           "--shard-size", "3", "--min-words", "2"])
+                           "--shard-size", "3", "--min-words", "2", "--workers", str(workers)])
     assert rc == 0
     rep = json.loads((out / "make_shards_report.json").read_text())
     assert rep["written"] == 8 and rep["samples_per_shard"] == [3, 3, 2]

@@ -172,3 +172,10 @@ def test_parallel_rendering_is_byte_identical(tmp_path):
     a = write_split(cfg, "val", str(tmp_path / "a"), workers=1)
     b = write_split(cfg, "val", str(tmp_path / "b"), workers=2)
     assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+
+
+def test_cli_grid(tmp_path, capsys):
+    from groupvit_fast.data.synthetic import main
+    assert main(["--grid", str(tmp_path / "g.png"), "--n", "3", "--no-shards"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "g.png").exists() and out.count("\n") >= 4
