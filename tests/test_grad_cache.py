@@ -45,7 +45,8 @@ def make_batch(n, num_text=3, context_length=16, seed=1):
 
 
 def split(images, texts, a):
-    return list(zip(images.chunk(a), texts.chunk(a)))
+    # separate tensors, as a loader yields them: chunk views would share the whole batch's storage
+    return [(im.clone(), tx.clone()) for im, tx in zip(images.chunk(a), texts.chunk(a))]
 
 
 def reference_step(net, micro_batches):
