@@ -125,7 +125,8 @@ def test_schedule_matches_timm_semantics():
     # no warmup prefix: the cosine is already 20 steps in when warm-up ends, so the LR steps
     # *down* from just below base_lr
     assert s.value(19) < s.value(20) < 1.6e-3
-    assert s.value(20) == pytest.approx(4e-5 + 0.5 * (1.6e-3 - 4e-5) * (1 + math.cos(math.pi * 20 / 300)))
+    cos20 = 4e-5 + 0.5 * (1.6e-3 - 4e-5) * (1 + math.cos(math.pi * 20 / 300))
+    assert s.value(20) == pytest.approx(cos20)
     # the official loop applies f(s-1) at optimizer step s (step_update runs after the step)
     assert s.lr_for_step(0) == s.lr_for_step(1) == 4e-6
     assert s.lr_for_step(21) == s.value(20)
@@ -194,3 +195,14 @@ def test_dist_batchnorm_single_rank_is_batchnorm_and_keeps_keys():
     x = torch.randn(6, 5, 3)
     torch.testing.assert_close(bn(x), ref_bn(x))
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
+def test_grad_cache_with_zero3_is_refused_clearly():
+    from groupvit_fast.training.engine import check_compat
+    cfg = build_config("gcc_yfcc", ["deepspeed.zero_stage=3"])
+    check_compat(cfg, plan_batch(4096, 16, 256), 3)  # no accumulation: nothing to cache
+    with pytest.raises(ValueError, match="does not support ZeRO-3"):
+        check_compat(cfg, plan_batch(4096, 8, 256), 3)
+    check_compat(cfg, plan_batch(4096, 8, 256), 2)
+    cfg = build_config("gcc_yfcc", ["train.grad_cache=false"])
+    check_compat(cfg, plan_batch(4096, 8, 256), 3)

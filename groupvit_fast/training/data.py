@@ -68,8 +68,8 @@ class RandomLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self):
-        perm = torch.randperm(len(self.pairs),
-                              generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        perm = torch.randperm(len(self.pairs), generator=g)
         n = len(self)
         mine = perm[: n * self.batch_size * self.world_size].view(n, self.world_size,
                                                                   self.batch_size)[:, self.rank]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import socket
@@ -86,7 +85,8 @@ def build_ds_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
             conf = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"deepspeed.config: {cfg.deepspeed.config} not found (tried "
-                                f"{path}); ZeRO configs live in configs/ds_zero{{1,2,3}}.json") from None
+                                f"{path}); ZeRO configs live in configs/ds_zero{{1,2,3}}.json"
+                                ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"deepspeed.config {path}: invalid JSON: {e}") from None
     clash = [k for k in _MANAGED_DS_KEYS if k in conf]
@@ -116,6 +116,16 @@ def build_ds_config(cfg: TrainConfig, plan: BatchPlan) -> dict:
     conf.setdefault("steps_per_print", 10**12)  # our monitor logs; keep DeepSpeed quiet
     conf.setdefault("wall_clock_breakdown", False)
     return conf
+
+
+def check_compat(cfg: TrainConfig, plan: BatchPlan, stage: int) -> None:
+    """Combinations that cannot run, refused before any process-group work."""
+    if cfg.train.grad_cache and plan.grad_accum > 1 and stage == 3:
+        raise ValueError(
+            f"train.grad_cache=true with gradient accumulation {plan.grad_accum} does not support "
+            f"ZeRO-3 ({plan.describe()}): use configs/ds_zero2.json / ds_zero1.json, or set "
+            f"train.grad_cache=false (plain accumulation: each micro batch then contrasts only "
+            f"{plan.micro_batch * plan.world_size} samples instead of {plan.global_batch})")
 
 
 def _seed_all(seed: int):
@@ -216,7 +226,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
 
     is_main = rank == 0
     say = (lambda *a: log(*a, flush=True)) if is_main else (lambda *a: None)
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = (torch.device(f"cuda:{local_rank}") if torch.cuda.is_available()
+              else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     t = cfg.train
@@ -224,6 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
     precision = resolve_precision(t.precision)
     ds_conf = build_ds_config(cfg, plan)
     stage = ds_conf["zero_optimization"]["stage"]
+    check_compat(cfg, plan, stage)
 
     def new_epoch(loader, e):
         """The loader positioned at the start of epoch ``e`` (set_epoch when it has one, else a
@@ -337,7 +349,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             mon.write(f"[train] step {step}: segmentation eval skipped: {err}")
         elif res is not None:
             mon.write(f"[train] step {step}: zero-shot {cfg.monitor.eval_dataset} mIoU "
-                      f"{res['mIoU']} ({res.get('num_images')} images, {res.get('seconds', 0):.0f} s)")
+                      f"{res['mIoU']} ({res.get('num_images')} images, "
+                      f"{res.get('seconds', 0):.0f} s)")
             if res.get("mIoU") is not None:
                 mon.scalar("eval/mIoU", res["mIoU"], step)
         dist.barrier()
