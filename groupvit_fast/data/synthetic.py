@@ -213,7 +213,11 @@ def _texture(kind, pu, pv, period):
 
 
 def _object_layer(rng, name, size, cfg, yy, xx):
-    """One object: (inside mask [H,W] bool, rgb [H,W,3] float) at a random pose and colour."""
+    """One object at a random pose and colour: (inside mask [H,W] bool, rgb [n_inside, 3] float).
+
+    Only the object's bounding box is evaluated (every outline lies within 1.5 r of its centre) and
+    colours only for the covered pixels: ~3x faster than full-frame layers, same pixels.
+    """
     diam = rng.uniform(cfg.min_size, cfg.max_size) * size
     r = diam / 2 * _CLASS_TABLE[name][2]
     # the outline may cross the frame border by up to 0.15 r: edge objects stay recognisable
@@ -221,10 +225,16 @@ def _object_layer(rng, name, size, cfg, yy, xx):
     cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
     th = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(th), np.sin(th)
-    dx, dy = xx - cx, yy - cy
+    ext = 1.5 * r + 1
+    y0, y1 = max(0, int(cy - ext)), min(size, int(cy + ext) + 1)
+    x0, x1 = max(0, int(cx - ext)), min(size, int(cx + ext) + 1)
+    dx, dy = xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
     pu = c * dx + s * dy
     pv = -s * dx + c * dy
-    inside = _shape_mask(name, pu / r, pv / r)
+    box = _shape_mask(name, pu / r, pv / r)
+    inside = np.zeros((size, size), bool)
+    inside[y0:y1, x0:x1] = box
+    pu, pv = pu[box], pv[box]
     hue = rng.random()
     col_a = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
     col_b = col_a * rng.uniform(0.2, 0.45)  # dark second tone: texture contrast for any hue
@@ -232,7 +242,7 @@ def _object_layer(rng, name, size, cfg, yy, xx):
         period = max(3.0, size / 12.0) * rng.uniform(0.85, 1.2)
         sel = _texture(_CLASS_TABLE[name][1], pu, pv, period)
     else:
-        sel = np.zeros(inside.shape, bool)
+        sel = np.zeros(pu.shape, bool)
     rgb = np.where(sel[..., None], col_b, col_a)
     # mild directional shading so solid fills are not perfectly flat
     shade = 1.0 + 0.12 * (pu / r) * rng.uniform(-1, 1)
@@ -285,12 +295,12 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig
                 names.append(names[int(rng.integers(len(names)))])
             else:
                 names.append(cfg.classes[int(rng.integers(n_cls))])
-        img = _background(rng, size)
+        img = _background(rng, size).astype(np.float64)
         inst = np.zeros((size, size), np.int16)  # 0 = background, k+1 = object k (topmost wins)
         areas = []
         for k, name in enumerate(names):
             inside, rgb = _object_layer(rng, name, size, cfg, yy, xx)
-            img = np.where(inside[..., None], rgb, img)
+            img[inside] = rgb
             inst[inside] = k + 1
             areas.append(int(inside.sum()))
         visible = np.bincount(inst.ravel(), minlength=n_obj + 1)[1:]
