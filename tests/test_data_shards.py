@@ -147,3 +147,18 @@ def test_make_shards_help_has_example():
     r = subprocess.run([sys.executable, "-m", "groupvit_fast.data.make_shards", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "examples:" in r.stdout and "--captions" in r.stdout
+
+
+def test_make_shards_image_template_for_cc3m_style_tsv(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i:09d}.jpg").write_bytes(_img(seed=i))
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("".join(f"caption {i}\thttp://example/{i}.jpg\n" for i in range(4)))
+    out = tmp_path / "o"
+    assert make_shards_main(["--images", str(imgs), "--captions", str(tsv), "--no-header",
+                             "--caption-column", "0", "--image-template", "{index:09d}.jpg",
+                             "--out", str(out)]) == 0
+    rep = json.loads((out / "make_shards_report.json").read_text())
+    assert rep["written"] == 3 and rep["dropped_by_reason"] == {"missing_image": 1}

@@ -32,6 +32,10 @@ EXAMPLES = """examples:
   python -m groupvit_fast.data.make_shards --images imgs --captions caps.csv --no-header \\
       --caption-column 0 --image-column 1 --out shards/mine
 
+  # CC3M's own TSV (caption<TAB>url, no header), images saved as 000000000.jpg, 000000001.jpg, ...
+  python -m groupvit_fast.data.make_shards --images cc3m/images --captions Train_GCC-training.tsv \
+      --no-header --caption-column 0 --image-template '{index:09d}.jpg' --out shards/cc3m
+
   # re-shard img2dataset output, dropping undecodable images and empty captions
   python -m groupvit_fast.data.make_shards --from-shards 'img2dataset_out/*.tar' --out shards/clean
 
@@ -111,15 +115,20 @@ def _column(spec: Optional[str], header: Optional[List[str]], candidates, what: 
 
 
 def iter_folder_captions(images: str, captions: str, image_column: Optional[str],
-                         caption_column: Optional[str], header: bool, stats: DataStats
+                         caption_column: Optional[str], header: bool, stats: DataStats,
+                         image_template: Optional[str] = None
                          ) -> Iterator[Tuple[str, str, Optional[bytes], Optional[str]]]:
-    """(source, key, image bytes or None, caption or None) per row of the captions file."""
+    """(source, key, image bytes or None, caption or None) per row of the captions file.
+
+    ``image_template`` names the image from the row number instead of a column, for caption files
+    without file names (CC3M's ``caption<TAB>url``): e.g. ``{index:09d}.jpg``.
+    """
     delim = _sniff_delimiter(captions)
     csv.field_size_limit(10 ** 8)
     with open(captions, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter=delim)
         head = next(reader) if header else None
-        ci = _column(image_column, head, _IMAGE_COLS, "image")
+        ci = -1 if image_template else _column(image_column, head, _IMAGE_COLS, "image")
         cc = _column(caption_column, head, _CAPTION_COLS, "caption")
         for row_no, row in enumerate(reader):
             if not row:
@@ -127,7 +136,7 @@ def iter_folder_captions(images: str, captions: str, image_column: Optional[str]
             if max(ci, cc) >= len(row):
                 stats.add_bad(captions, f"row{row_no}", f"row has {len(row)} columns", "bad_row")
                 continue
-            rel = row[ci].strip()
+            rel = image_template.format(index=row_no) if image_template else row[ci].strip()
             path = os.path.join(images, rel)
             data = None
             if os.path.isfile(path):
@@ -228,6 +237,9 @@ def main(argv=None):
     p.add_argument("--images", help="folder the captions file's image paths are relative to")
     p.add_argument("--image-column", help="name or 0-based index of the image column (default: auto)")
     p.add_argument("--caption-column", help="name or 0-based index of the caption column (default: auto)")
+    p.add_argument("--image-template", default=None,
+                   help="image file name from the 0-based row number instead of a column, "
+                        "e.g. '{index:09d}.jpg' (CC3M's TSV has only caption and url)")
     p.add_argument("--no-header", action="store_true", help="the captions file has no header row")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
@@ -243,7 +255,7 @@ def main(argv=None):
         if not a.images:
             p.error("--captions needs --images")
         items = iter_folder_captions(a.images, a.captions, a.image_column, a.caption_column,
-                                     not a.no_header, stats)
+                                     not a.no_header, stats, a.image_template)
     else:
         if not expand_shards(a.from_shards):
             p.error(f"--from-shards {a.from_shards!r} matches no files")
