@@ -48,17 +48,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def timeit(fn, device, reps, warmup):
+CLOCK = time.perf_counter
+
+
+def timeit(fn, device, reps, warmup, min_time=1.0, max_reps=200):
+    """At least ``reps`` timed calls, more (up to ``max_reps``) until ``min_time`` seconds."""
     for _ in range(warmup):
         fn()
     _sync(device)
     ts = []
-    for _ in range(reps):
+    while len(ts) < reps or (sum(ts) < min_time and len(ts) < max_reps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         _sync(device)
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     ts.sort()
     q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))] * 1e3
     return q(0.5), q(0.2), q(0.8)
@@ -178,12 +182,25 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(eager)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (CPU); default: torch's default. On a shared "
+                        "machine --threads 1 gives far steadier numbers")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="'thread': CPU time of the calling thread (time.thread_time), with "
+                        "--threads 1 only; immune to other processes stealing the cores")
     p.add_argument("--out", default=None, help="CSV path (default under bench/results/)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            p.error("--clock thread needs --device cpu --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
-    reps = args.reps or (5 if args.quick else (7 if device.type == "cpu" else 50))
+    reps = args.reps or (3 if args.quick else (5 if device.type == "cpu" else 50))
     warmup = 1 if device.type == "cpu" else 10
     torch.manual_seed(0)
 
@@ -196,8 +213,11 @@ def main(argv=None):
     names += avail
     if args.backends:
         names = [n for n in names if n in args.backends]
-    compiled_ref = torch.compile(gumbel_assign_merge_reference) if "compile(eager)" in names \
-        else None
+    compiled_ref = None
+    if "compile(eager)" in names:
+        # static shapes: inductor's rand cannot take symbolic sizes here; one graph per shape
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        compiled_ref = torch.compile(gumbel_assign_merge_reference, dynamic=False)
     impls = [(n, make_callable(n, compiled_ref)) for n in names]
 
     shapes = []
@@ -223,6 +243,8 @@ def main(argv=None):
         r["device"] = device_tag(device)
         r["dtype"] = str(dtype).replace("torch.", "")
         r["torch"] = torch.__version__
+        r["threads"] = torch.get_num_threads() if device.type == "cpu" else ""
+        r["clock"] = args.clock
 
     hdr = (f"{'impl':15} {'B':>4} {'S':>3} {'N':>5} {'mode':8} {'median':>9} {'q20':>9} "
            f"{'q80':>9} {'GB/s':>7} {'roof':>6} {'x eager':>7} {'saved':>10}")
@@ -242,7 +264,7 @@ def main(argv=None):
                                    f"{str(dtype).replace('torch.', '').replace('float', 'fp')}"
                                    f"-pt{ver}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    fields = ["device", "dtype", "torch", "impl", "B", "S", "N", "C", "gumbel", "mode",
+    fields = ["device", "dtype", "torch", "threads", "clock", "impl", "B", "S", "N", "C", "gumbel", "mode",
               "median_ms", "q20_ms", "q80_ms", "eff_GBps", "roofline_frac", "speedup_vs_eager",
               "saved_bytes"]
     tmp = out + ".tmp"
@@ -252,7 +274,7 @@ def main(argv=None):
         for r in rows:
             w.writerow({k: r[k] for k in fields})
     os.replace(tmp, out)
-    print(f"wrote {out} ({time.time() - t_start:.0f}s)")
+    print(f"wrote {out} ({time.time() - t_start:.0f}s, {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
