@@ -291,3 +291,35 @@ def test_deepspeed_engine_one_update_per_global_batch(tmp_path):
         assert r["steps"] == 1, (name, r)
         assert abs(r["loss"] - r["ref"]) < 1e-5 * abs(r["ref"]), (name, r)
         assert r["err"] < 1e-4, (name, r)
+
+
+def test_before_backward_can_abandon_the_step():
+    """A non-finite-loss guard sees the global-batch losses before any gradient is written."""
+    a, b = 2, 3
+    mbs = split(*make_batch(a * b), a)
+    net = tiny_model(drop_path_rate=0.0, gumbel=False)
+    seen = {}
+
+    class Abort(Exception):
+        pass
+
+    def guard(losses):
+        seen.update(losses)
+        raise Abort
+
+    with pytest.raises(Abort):
+        grad_cache_step(net, mbs, before_backward=guard)
+    assert set(seen) == {"loss", "multi_label_loss", "total_loss"}
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_accumulation_mode_selection():
+    from groupvit_fast.training.grad_cache import accum_mode_message, resolve_accum_mode
+    assert resolve_accum_mode("auto", 16) == "gradcache"
+    assert resolve_accum_mode("auto", 1) == "naive"
+    assert resolve_accum_mode("naive", 16) == "naive"
+    with pytest.raises(ValueError, match="accumulation mode"):
+        resolve_accum_mode("cached", 4)
+    msg = accum_mode_message("gradcache", 4096, 256, 2, 8)
+    assert "4096 negatives" in msg and "GradCache" in msg
+    assert "only 2048 negatives" in accum_mode_message("naive", 4096, 256, 2, 8)

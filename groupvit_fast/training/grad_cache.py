@@ -33,9 +33,39 @@ import torch
 import torch.nn as nn
 
 __all__ = ["grad_cache_step", "features_loss", "is_deepspeed_engine", "unwrap_model",
-           "SavedTensorMeter"]
+           "SavedTensorMeter", "ACCUM_MODES", "resolve_accum_mode", "accum_mode_message"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], Dict[str, torch.Tensor]]
+
+
+# -- choosing the mode (for the training loop) ----------------------------------------------------
+ACCUM_MODES = ("auto", "gradcache", "naive")
+
+
+def resolve_accum_mode(mode: str, grad_accum: int) -> str:
+    """'auto' -> 'gradcache' whenever gradient accumulation > 1 (plain accumulation would shrink
+    the contrastive batch), else 'naive' (nothing to accumulate: both are the same step)."""
+    if mode not in ACCUM_MODES:
+        raise ValueError(f"accumulation mode must be one of {ACCUM_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "gradcache" if grad_accum > 1 else "naive"
+    return mode
+
+
+def accum_mode_message(mode: str, global_batch: int, micro_batch: int, grad_accum: int,
+                       world_size: int) -> str:
+    """The start-of-training line that says how many negatives each sample sees."""
+    if grad_accum <= 1:
+        return (f"no gradient accumulation: {global_batch} negatives per image and caption "
+                f"({micro_batch} per rank × {world_size} ranks)")
+    if mode == "gradcache":
+        return (f"gradient accumulation {grad_accum} in embedding-cache mode (GradCache): every "
+                f"image and caption sees all {global_batch} negatives of the global batch "
+                f"(micro batch {micro_batch} × {grad_accum} × {world_size} ranks); one extra "
+                f"no-grad encoder forward per micro batch")
+    return (f"WARNING: naive gradient accumulation {grad_accum}: each loss sees only "
+            f"{micro_batch * world_size} negatives, not {global_batch} (the release recipe needs "
+            f"{global_batch}; expect lower zero-shot mIoU)")
 
 
 # -- model plumbing -----------------------------------------------------------------------------
@@ -203,6 +233,7 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
                     keep_last: bool = True,
                     verify_replay: bool = False,
                     encoder_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                    before_backward: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
                     ) -> Dict[str, torch.Tensor]:
     """One global-batch step of the contrastive objective over ``micro_batches``.
 
@@ -224,6 +255,9 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
         (a debugging aid: it catches a non-replayable random source).
     encoder_context: zero-arg factory of a context entered around every encoder pass that keeps
         activations (memory instrumentation, e.g. ``SavedTensorMeter()``).
+    before_backward(losses): called with the detached global-batch losses after the loss pass and
+        before any gradient reaches a parameter; raising there (e.g. on a non-finite loss, decided
+        the same way on every rank) abandons the step with nothing accumulated or stepped.
 
     Module: accumulates ``.grad`` of all parameters (the caller runs the optimizer step).
     DeepSpeed engine: runs the ``a`` backward passes and the engine steps; the optimizer update
@@ -284,6 +318,12 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     out = {k: v.detach() for k, v in losses.items()}
     out["total_loss"] = total.detach()
     del losses, total, grads, image_feat, text_feat
+    if before_backward is not None:
+        try:
+            before_backward(out)
+        except BaseException:
+            _set_rng_state(rng_after, device)
+            raise
 
     def surrogate(i, img, txt, with_head):
         # d s / d img = g exactly: the mul's backward multiplies g by the incoming 1
