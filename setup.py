@@ -108,7 +108,7 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.14", "nvidia-dali-cuda120>=1.30", "webdataset>=0.2.86",
-                  "tensorboard", "textblob"],
+                  "tensorboard", "textblob", "pyyaml"],
         "gpu": ["xformers"],
         "dev": ["pytest", "pytest-timeout", "transformers>=4.30", "ninja", "pybind11"],
     },
