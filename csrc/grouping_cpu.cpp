@@ -86,23 +86,32 @@ GVF_ALWAYS_INLINE float poly_expf(float x) {
   return y * bits_float((static_cast<int32_t>(fx) + 127) << 23);
 }
 
-// out[n] = Gumbel noise of offsets base .. base+len-1 (same stream as gvf::gumbel_noise).
-GVF_CLONES void gumbel_row(float* __restrict__ out, uint64_t seed, uint64_t base, int64_t len) {
+// out[n] = Gumbel noise of offsets base .. base+len-1 (same stream as gvf::gumbel_noise):
+// one Philox4x32 call per four offsets into `words`, then the uniform -> Gumbel transform.
+GVF_CLONES void gumbel_row(float* __restrict__ out, uint32_t* __restrict__ words, uint64_t seed,
+                           uint64_t base, int64_t len) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  int64_t n = 0;
-  while (n < len) {  // segments where the high counter word is constant (almost always one)
-    const uint64_t off = base + static_cast<uint64_t>(n);
-    const uint32_t lo = static_cast<uint32_t>(off), hi = static_cast<uint32_t>(off >> 32);
-    const int64_t seg = std::min<int64_t>(len - n, static_cast<int64_t>((1ull << 32) - lo));
-    float* o = out + n;
-    for (int64_t j = 0; j < seg; ++j) {
-      float u = gvf::uint_to_uniform(gvf::philox_first32(lo + static_cast<uint32_t>(j), hi, k0, k1));
-      u = u < gvf::kUniformLo ? gvf::kUniformLo : (u > gvf::kUniformHi ? gvf::kUniformHi : u);
-      o[j] = -poly_logf(-poly_logf(u));
-    }
-    n += seg;
+  const uint64_t q0 = base >> 2;
+  const int64_t nq = static_cast<int64_t>(((base + static_cast<uint64_t>(len) + 3) >> 2) - q0);
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint64_t ctr = q0 + static_cast<uint64_t>(i);
+    const gvf::U32x4 r = gvf::philox4x32(static_cast<uint32_t>(ctr),
+                                         static_cast<uint32_t>(ctr >> 32), k0, k1);
+    words[4 * i + 0] = r.x;
+    words[4 * i + 1] = r.y;
+    words[4 * i + 2] = r.z;
+    words[4 * i + 3] = r.w;
+  }
+  const uint32_t* w = words + (base & 3u);
+  for (int64_t j = 0; j < len; ++j) {
+    float u = gvf::uint_to_uniform(w[j]);
+    u = u < gvf::kUniformLo ? gvf::kUniformLo : (u > gvf::kUniformHi ? gvf::kUniformHi : u);
+    out[j] = -poly_logf(-poly_logf(u));
   }
 }
+
+// scratch words for gumbel_row of `len` offsets
+inline int64_t gumbel_words(int64_t len) { return 4 * (len / 4 + 2); }
 
 // row[n] = exp(row[n] - m[n]); sum[n] += row[n]
 GVF_CLONES void exp_sub_accum(float* __restrict__ row, const float* __restrict__ m,
@@ -144,9 +153,10 @@ void noisy_logits_inplace(acc_t* A, int64_t B, int64_t S, int64_t N, acc_t scale
                           bool gumbel, uint64_t seed) {
   at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> noise(gumbel ? N : 0);
+    std::vector<uint32_t> words(gumbel ? gumbel_words(N) : 0);
     for (int64_t bs = lo; bs < hi; ++bs) {
       acc_t* row = A + bs * N;
-      if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(bs) * N, N);
+      if (gumbel) gumbel_row(noise.data(), words.data(), seed, static_cast<uint64_t>(bs) * N, N);
       for (int64_t n = 0; n < N; ++n)
         row[n] = (row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0))) * inv_tau;
     }
@@ -190,6 +200,7 @@ void hard_forward(const acc_t* A, const in_t* v, int64_t B, int64_t S, int64_t N
   at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<acc_t> best(N);
     std::vector<float> noise(gumbel ? N : 0);
+    std::vector<uint32_t> words(gumbel ? gumbel_words(N) : 0);
     for (int64_t b = blo; b < bhi; ++b) {
       const acc_t* Ab = A + b * S * N;
       int32_t* ib = idx + b * N;
@@ -197,7 +208,8 @@ void hard_forward(const acc_t* A, const in_t* v, int64_t B, int64_t S, int64_t N
       for (int64_t n = 0; n < N; ++n) { best[n] = -std::numeric_limits<acc_t>::infinity(); ib[n] = 0; }
       for (int64_t s = 0; s < S; ++s) {
         const acc_t* row = Ab + s * N;
-        if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
+        if (gumbel)
+          gumbel_row(noise.data(), words.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
         const int32_t si = static_cast<int32_t>(s);
         for (int64_t n = 0; n < N; ++n) {
           const acc_t z = row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0));
@@ -239,6 +251,7 @@ void hard_backward_tokens(acc_t* A, acc_t* G, const in_t* dout, int64_t B, int64
   at::parallel_for(0, B, 1, [&](int64_t blo, int64_t bhi) {
     std::vector<acc_t> D(S), inv_den(S), m(N), sum(N), ydy(N);
     std::vector<float> noise(gumbel ? N : 0);
+    std::vector<uint32_t> words(gumbel ? gumbel_words(N) : 0);
     for (int64_t b = blo; b < bhi; ++b) {
       acc_t* Ab = A + b * S * N;
       acc_t* Gb = G + b * S * N;
@@ -253,7 +266,8 @@ void hard_backward_tokens(acc_t* A, acc_t* G, const in_t* dout, int64_t B, int64
       }
       for (int64_t s = 0; s < S; ++s) {  // z = (A·scale + g)/τ, running max over groups
         acc_t* row = Ab + s * N;
-        if (gumbel) gumbel_row(noise.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
+        if (gumbel)
+          gumbel_row(noise.data(), words.data(), seed, static_cast<uint64_t>(b * S + s) * N, N);
         for (int64_t n = 0; n < N; ++n) {
           const acc_t z = (row[n] * scale + (gumbel ? static_cast<acc_t>(noise[n]) : acc_t(0))) * inv_tau;
           row[n] = z;
@@ -415,8 +429,9 @@ at::Tensor gvf_gumbel_noise(int64_t B, int64_t S, int64_t N, int64_t seed) {
   float* p = g.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed);
   at::parallel_for(0, B * S, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint32_t> words(gumbel_words(N));
     for (int64_t bs = lo; bs < hi; ++bs)
-      gumbel_row(p + bs * N, useed, static_cast<uint64_t>(bs) * N, N);
+      gumbel_row(p + bs * N, words.data(), useed, static_cast<uint64_t>(bs) * N, N);
   });
   return g;
 }

@@ -3,8 +3,9 @@
 Forward (two launches, no [B,S,N] tensor written unless ``return_attn``):
 
 1. ``_assign_fwd``  grid (N-blocks, B): logits tile A = q·kᵀ [S, BLOCK_N] with ``tl.dot`` over C
-   in fp32, Gumbel noise from ``tl.rand(seed, (b*S + s)*N + n)`` (Philox, never stored; the
-   CPU/CUDA kernels draw the same stream), argmax over the group axis -> ``idx`` [B,N] int32.
+   in fp32, Gumbel noise of element offset o = (b*S + s)*N + n from word o % 4 of
+   ``tl.randint4x(seed, o // 4)`` (Philox, never stored; the CPU/CUDA kernels draw the same
+   stream), argmax over the group axis -> ``idx`` [B,N] int32.
    With ``return_attn`` also the soft map softmax(A) and the one-hot hard map.
 2. ``_merge_fwd``   grid (C-blocks, B): out[s] = Σ_{n: idx_n = s} v[n] / (count_s + eps) as a
    one-hot × v ``tl.dot`` over N-blocks (exact: the one-hot is 0/1 in any dtype); the counts fall
@@ -43,7 +44,12 @@ U_HI = tl.constexpr(0.99999994039535522461)
 
 @triton.jit
 def _gumbel(seed, offs):
-    u = tl.rand(seed, offs)
+    # One Philox4x32-10 call per four consecutive offsets (counter offs // 4, word offs % 4):
+    # the stream of the C++/CUDA kernels (gvf::philox_word in csrc/grouping_common.h).
+    r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
+    lane = offs & 3
+    w = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    u = tl.uint_to_uniform_float(w)
     u = tl.minimum(tl.maximum(u, U_LO), U_HI)
     # -log(u) >= 2^-24 mathematically; the clamp keeps an approximate log from returning <= 0
     e = tl.maximum(-tl.log(u), U_LO)
