@@ -121,7 +121,7 @@ def worker(args):
         with meter():
             if args.mode == "gradcache":
                 out = grad_cache_step(net, mbs, encoder_context=enc_meter)
-                return float(out["total_loss"])
+                return float(out["total"])
             if args.mode == "reference":
                 return reference_step(net, mbs)
             tot = 0.0

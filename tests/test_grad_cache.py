@@ -117,7 +117,7 @@ def test_equals_full_batch_step_with_gumbel_and_drop_path(keep_last):
 
     for k in ("loss", "multi_label_loss"):
         torch.testing.assert_close(out[k], ref_losses[k], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["total_loss"], ref_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["total"], ref_total, rtol=1e-5, atol=1e-6)
     g = grads(net)
     assert any(n.startswith("img_encoder.") for n in g) and "logit_scale" in g
     assert_grads_close(g, grads(ref))
@@ -159,7 +159,7 @@ def test_deterministic_encoders_equal_one_forward_on_whole_batch_and_naive_diffe
     full_total = full_forward_step(full, images, texts)
     naive_total = naive_accumulation_step(naive, mbs)
 
-    torch.testing.assert_close(out["total_loss"], full_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["total"], full_total, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads(net), grads(full), atol_rel=1e-4, floor=1e-2)
     for (n, x), (_, y) in zip(net.named_buffers(), full.named_buffers()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=n)
@@ -176,8 +176,8 @@ def test_captions_only_model():
     net = tiny_model(multi_label=0, drop_path_rate=0.0, gumbel=False).double()
     full = copy.deepcopy(net)
     out = grad_cache_step(net, split(images, texts, a))
-    assert set(out) == {"loss", "total_loss"}
-    torch.testing.assert_close(out["total_loss"], full_forward_step(full, images, texts),
+    assert set(out) == {"loss", "total"}
+    torch.testing.assert_close(out["total"], full_forward_step(full, images, texts),
                                rtol=1e-5, atol=1e-6)
     assert_grads_close(grads(net), grads(full), atol_rel=1e-4, floor=1e-2)
 
@@ -271,7 +271,7 @@ DS_SCRIPT = textwrap.dedent(r"""
             for (n, p), (_, q) in zip(eng.module.named_parameters(), ref.named_parameters()):
                 exp = q - q.grad
                 err = max(err, float((p - exp).abs().max() / (q.grad.abs().max() + 1e-12)))
-        res[name] = dict(err=err, loss=float(out["total_loss"]), ref=float(total),
+        res[name] = dict(err=err, loss=float(out["total"]), ref=float(total),
                          steps=int(eng.global_steps))
     print("RESULT" + json.dumps(res))
 """)
@@ -309,7 +309,7 @@ def test_before_backward_can_abandon_the_step():
 
     with pytest.raises(Abort):
         grad_cache_step(net, mbs, before_backward=guard)
-    assert set(seen) == {"loss", "multi_label_loss", "total_loss"}
+    assert set(seen) == {"loss", "multi_label_loss", "total"}
     assert all(p.grad is None for p in net.parameters())
 
 

@@ -70,13 +70,13 @@ def _worker(rank, port, out_path):
     torch.manual_seed(1000 + rank)
     out = grad_cache_step(net, rank_micro_batches(images.double(), texts, rank),
                           verify_replay=True)
-    res["gumbel"] = dict(loss=_mean(out["total_loss"]), grads=_averaged_grads(net),
+    res["gumbel"] = dict(loss=_mean(out["total"]), grads=_averaged_grads(net),
                          buffers={n: b.clone() for n, b in net.named_buffers()})
 
     # deterministic encoders, float64
     net = convert_sync_batchnorm(tiny_model(drop_path_rate=0.0, gumbel=False).double())
     out = grad_cache_step(net, rank_micro_batches(images.double(), texts, rank))
-    res["plain"] = dict(loss=_mean(out["total_loss"]), grads=_averaged_grads(net))
+    res["plain"] = dict(loss=_mean(out["total"]), grads=_averaged_grads(net))
 
     try:
         import deepspeed
@@ -95,7 +95,7 @@ def _worker(rank, port, out_path):
                                        optimizer=torch.optim.SGD(net.parameters(), lr=1.0))
         torch.manual_seed(1000 + rank)
         out = grad_cache_step(eng, rank_micro_batches(images.double(), texts, rank))
-        res["zero2"] = dict(loss=_mean(out["total_loss"]), steps=int(eng.global_steps),
+        res["zero2"] = dict(loss=_mean(out["total"]), steps=int(eng.global_steps),
                             params={n: p.detach().clone()
                                     for n, p in eng.module.named_parameters()})
     if rank == 0:

@@ -266,7 +266,8 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     is the boundary), ``gradient_accumulation_steps == 1`` (boundary set manually, one step), or
     ``managed_gradient_accumulation: false`` (``a`` backwards, one step).
 
-    Returns the detached losses of the global batch (``{key: tensor}``, plus ``total_loss``).
+    Returns the detached losses of the global batch (``{key: tensor}``) plus their sum under
+    ``"total"`` (a key without "loss" in it, so summing the "loss" keys never counts it twice).
     """
     engine = model if is_deepspeed_engine(model) else None
     net = unwrap_model(model)
@@ -316,7 +317,7 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     g_img_mb = g_img.chunk(a)  # a × [b,C_img]
     g_txt_mb = g_txt.chunk(a)  # a × [(b T),C_txt]
     out = {k: v.detach() for k, v in losses.items()}
-    out["total_loss"] = total.detach()
+    out["total"] = total.detach()
     del losses, total, grads, image_feat, text_feat
     if before_backward is not None:
         try:
