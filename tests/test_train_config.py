@@ -206,3 +206,18 @@ def test_grad_cache_with_zero3_is_refused_clearly():
     check_compat(cfg, plan_batch(4096, 8, 256), 2)
     cfg = build_config("gcc_yfcc", ["train.grad_cache=false"])
     check_compat(cfg, plan_batch(4096, 8, 256), 3)
+
+
+def test_dist_batchnorm_mixed_dtypes_match_fp32():
+    # DeepSpeed bf16 engines can hand BN a bf16 input with fp32 running statistics
+    bn, ref = DistBatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    bn.weight.data = bn.weight.data.bfloat16()
+    bn.bias.data = bn.bias.data.bfloat16()
+    x = torch.randn(8, 4, 2)
+    y = bn(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-2, atol=1e-2)
+    assert int(bn.num_batches_tracked) == 1
+    bn.eval()
+    assert bn(x.bfloat16()).dtype == torch.bfloat16

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     try:
         train(cfg, resume=args.resume)
     except NonFiniteLoss as e:
-        print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises the same message
+            print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
         return 3
     return 0
 

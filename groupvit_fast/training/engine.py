@@ -310,10 +310,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                   log_every=cfg.monitor.log_every_steps,
                   metrics_path=os.path.join(out_dir, "metrics.jsonl"))
     last_ckpt = None
-    try:
-        last_ckpt = ckpt.read_latest(out_dir) if is_main else None
-    except FileNotFoundError:
-        pass
+    if resume:
+        last_ckpt = os.path.join(out_dir, ckpt.read_latest(out_dir) or "") if step else None
+    else:
+        try:
+            old = ckpt.read_latest(out_dir)
+        except FileNotFoundError:
+            old = None
+        if old:
+            say(f"[train] {out_dir} holds checkpoint {old} of an earlier run: starting from "
+                f"scratch and replacing it (pass --resume to continue it)")
+        if is_main and os.path.exists(mon.metrics_path or ""):
+            os.remove(mon.metrics_path)  # a fresh run starts a fresh step log
 
     def client_state():
         return {"step": step, "epoch": epoch, "world_size": world,

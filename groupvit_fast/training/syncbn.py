@@ -23,9 +23,34 @@ class DistBatchNorm1d(nn.BatchNorm1d):
     when torch.distributed is initialised with more than one rank. Same parameters, buffers and
     state_dict keys as BatchNorm1d."""
 
+    def _local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain BatchNorm1d, also when input, affine parameters and running statistics have
+        different dtypes (DeepSpeed bf16/fp16 engines; the CPU kernel needs them equal):
+        computed in fp32, running statistics updated in their own dtype."""
+        rm, rv = self.running_mean, self.running_var
+        dts = {x.dtype} | ({self.weight.dtype} if self.affine else set()) | \
+            ({rm.dtype} if rm is not None else set())
+        if len(dts) == 1:
+            return super().forward(x)
+        mom = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            mom = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or rm is None
+        track = rm is not None and (not self.training or self.track_running_stats)
+        rmf = rm.float() if track else None
+        rvf = rv.float() if track else None
+        y = F.batch_norm(x.float(), rmf, rvf, self.weight.float() if self.affine else None,
+                         self.bias.float() if self.affine else None, use_batch, mom, self.eps)
+        if track and self.training and rmf is not rm:  # (autograd saved rm when it is rmf)
+            with torch.no_grad():
+                rm.copy_(rmf)
+                rv.copy_(rvf)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or get_world_size() == 1:
-            return super().forward(x)
+            return self._local_forward(x)
         if x.ndim not in (2, 3):
             raise ValueError(f"DistBatchNorm1d: expected [N,C] or [N,C,L], got {tuple(x.shape)}")
         C = x.shape[1]
