@@ -289,6 +289,19 @@ def test_bad_input_is_one_clear_error(backend_env):
         gumbel_assign_merge(q, k[:, :, :3], v, scale=1.0, gumbel=False)
     with pytest.raises(ValueError, match="tau must be > 0"):
         gumbel_assign_merge(q, k, v, scale=1.0, gumbel=True, tau=0.0)
+    with pytest.raises(ValueError, match="no groups"):
+        gumbel_assign_merge(q[:, :0], k, v, scale=1.0, gumbel=False)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(0, 4, 5, 6), (2, 4, 0, 6), (2, 3, 5, 0)])
+def test_cpu_empty_sizes(backend_env, shape):
+    backend_env("cpu")
+    q, k, v, dout = make_inputs(*shape, torch.float32)
+    got = run_backend("cpu", q, k, v, dout, scale=0.5, gumbel=True, tau=1.0, eps=1.0,
+                      hard=True, seed=1)
+    assert got[0].shape == q.shape and not got[0].any()
+    assert [g.shape for g in got[3]] == [q.shape, k.shape, v.shape]
 
 
 @needs_native

@@ -128,6 +128,9 @@ def _check(q, k, v, tau):
         raise ValueError(f"gumbel_assign_merge: shape mismatch: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} (expected q [B,S,C], "
                          f"k and v [B,N,C] with the same B and C)")
+    if q.shape[1] == 0:
+        raise ValueError(f"gumbel_assign_merge: q {tuple(q.shape)} has no groups (S = 0); "
+                         f"the assignment needs at least one group")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"gumbel_assign_merge: q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
