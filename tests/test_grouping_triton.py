@@ -148,3 +148,11 @@ def test_triton_aot_sm80_sm90_register_budget():
     for r in rows:
         assert r["registers"] <= 255, report
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, report
+
+
+@interp
+def test_triton_forced_soft_assignment_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    q, k, v, _ = make_inputs(1, 4, 8, 16, torch.float32)
+    with pytest.raises(NotImplementedError, match="hard=True only"):
+        gumbel_assign_merge(q, k, v, scale=0.25, gumbel=False, hard=False)
