@@ -2,7 +2,7 @@
 // (grouping_cpu.cpp) and the CUDA kernels (grouping_kernels.cu).
 //
 // Everything here is a pure function of its arguments so the CPU and GPU kernels compute
-// the same numbers: the Gumbel noise is a counter-based Philox4x32-10 draw keyed by the
+// the same numbers (up to the last bits of their log/exp implementations): the Gumbel noise is a counter-based Philox4x32-10 draw keyed by the
 // seed and indexed by the element's linear [B,S,N] offset (counter offset/4, word offset%4;
 // the same stream as Triton's `tl.randint4x`), so no backend ever stores the noise, and the
 // backward pass regenerates exactly the noise of its forward pass.

@@ -1,6 +1,7 @@
 // CUDA kernels of the fused grouping op; see grouping_kernels.h. The per-element math (Philox
 // Gumbel noise, tempered logits, normalisation and softmax gradients) comes from
-// grouping_common.h, shared with the C++ CPU kernel, so both backends compute the same numbers.
+// grouping_common.h, shared with the C++ CPU kernel (which swaps in vectorisable log/exp
+// polynomials), so both backends draw the same Philox stream and compute the same formulas.
 //
 // Per-token kernels run one thread per (b, n): consecutive threads read consecutive n of each
 // [S] column of the [B,S,N] logits, so every load is coalesced, and the S values of a token

@@ -10,7 +10,8 @@ What autograd saves between them (the "bytes saved for backward"): the inputs q,
 copies), ``idx`` int32 [B,N] (argmax group of each token), ``cnt`` fp32 [B,S] (member count of
 each group; soft row sums when ``hard=False``) and the 1-element int64 seed tensor. Nothing
 [B,S,N]-sized: backward recomputes the logits with one matmul and regenerates the Gumbel noise
-from the seed (counter-based Philox, identical in the CPU, CUDA and Triton kernels).
+from the seed (counter-based Philox: the same uniform stream in the CPU, CUDA and Triton
+kernels; their log implementations differ in the last bits, so noise agrees to ~1e-6).
 
 ``seed`` is a CPU int64 tensor of one element rather than a Python int so that drawing a fresh
 seed from the global generator (``torch.randint``) stays inside a compiled graph.
