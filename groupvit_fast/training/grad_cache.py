@@ -5,8 +5,9 @@ image/caption against only ``b·w`` negatives. The release recipe needs 4096 (re
 a smaller contrastive batch costs ~5 mIoU). ``grad_cache_step`` makes one optimizer step see the
 whole ``a·b·w`` batch as negatives, with activation memory bounded by one micro batch:
 
-1. every micro batch goes through the two *encoders* without keeping activations (the last one
-   keeps its graph, saving one re-run); the RNG state before each is recorded;
+1. every micro batch goes through the two *encoders* without keeping activations (each graph is
+   dropped right away; the last one keeps its graph, saving one re-run); the RNG state before
+   each is recorded;
 2. the cached encoder outputs (pooled image feature [b,C_img], text features [b·(1+K),C_txt] —
    small) are concatenated and the projectors + losses run **once** on the global batch: the
    projector BatchNorm sees the global-batch statistics and updates its running stats once,
@@ -21,7 +22,7 @@ so ``s_i`` can be handed to anything that back-propagates a loss — ``tensor.ba
 GradScaler, or ``DeepSpeedEngine.backward`` (which then applies its own loss scaling and ZeRO
 gradient reduction hooks unchanged).
 
-Cost: one extra no-grad encoder forward for ``a-1`` of the ``a`` micro batches.
+Cost: one extra encoder forward for ``a-1`` of the ``a`` micro batches.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def accum_mode_message(mode: str, global_batch: int, micro_batch: int, grad_accu
         return (f"gradient accumulation {grad_accum} in embedding-cache mode (GradCache): every "
                 f"image and caption sees all {global_batch} negatives of the global batch "
                 f"(micro batch {micro_batch} × {grad_accum} × {world_size} ranks); one extra "
-                f"no-grad encoder forward per micro batch")
+                f"encoder forward per micro batch")
     return (f"WARNING: naive gradient accumulation {grad_accum}: each loss sees only "
             f"{micro_batch * world_size} negatives, not {global_batch} (the release recipe needs "
             f"{global_batch}; expect lower zero-shot mIoU)")
@@ -283,7 +284,6 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     backwards, finish = _backward_plan(engine, a, backward_fn)
     enc_ctx = encoder_context if encoder_context is not None else contextlib.nullcontext
     device = mbs[0][0].device
-    keep_last = keep_last and a > 0
 
     # 1. encoder outputs of every micro batch, activations dropped (the last one kept)
     states, img_feats, txt_feats = [], [], []
@@ -295,8 +295,14 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
                 kept = _encode(net, image, text)
             img, txt = kept[0].detach(), kept[1].detach()
         else:
-            with torch.no_grad():
+            # Recorded by autograd and dropped at once rather than run under no_grad: kernel
+            # choices may depend on whether a backward will follow (the grouping op's CPU
+            # dispatch does, and its backends draw different noise from the same seed; attention
+            # kernels may too), and the re-run must take the same ones to reproduce these
+            # outputs bit for bit. The transient graph is one micro batch, like the re-run's.
+            with torch.enable_grad():
                 img, txt = _encode(net, image, text)
+            img, txt = img.detach(), txt.detach()
         img_feats.append(img)
         txt_feats.append(txt)
     rng_after = _rng_state(device)
@@ -372,8 +378,17 @@ def _backward_plan(engine, a: int, backward_fn):
         bw = backward_fn if backward_fn is not None else (lambda s: s.backward())
         return [bw] * a, (lambda: None)
 
-    bw = backward_fn if backward_fn is not None else \
+    user_bw = backward_fn if backward_fn is not None else \
         (lambda s: engine.backward(s, scale_wrt_gas=False))
+
+    def bw(s):
+        # engine.forward resets ZeRO's per-micro-batch backward-hook bookkeeping; the encoders
+        # are called directly here, so do that reset before each micro batch's backward
+        clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        user_bw(s)
+
     stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
     if stage >= 3:
         # ZeRO-3 partitions the head parameters outside forward, so the <p, g_p> surrogate term
