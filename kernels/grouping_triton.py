@@ -23,8 +23,9 @@ cnt fp32 [B,S], the seed. Backward (three launches + one cuBLAS product):
 4. dq = dA·k with ``torch.bmm``.
 
 Numerics: logits, noise, softmax and accumulation in fp32 whatever the input dtype; fp32 inputs
-use IEEE fp32 dots (no TF32) so hard assignments match the reference; bf16/fp16 inputs feed the
-tensor cores directly with fp32 accumulation. Under ``TRITON_INTERPRET=1`` everything is upcast
+use IEEE fp32 dots (TF32 only when torch's own fp32 matmuls may use it,
+``torch.backends.cuda.matmul``), so hard assignments match the reference; bf16/fp16 inputs feed
+the tensor cores directly with fp32 accumulation. Under ``TRITON_INTERPRET=1`` everything is upcast
 to fp32 first (the interpreter's bf16 ``tl.dot`` is wrong, triton issue 11584).
 """
 from __future__ import annotations
@@ -256,9 +257,19 @@ def launch_params(S: int, N: int, C: int) -> dict:
     )
 
 
+def _torch_allows_tf32() -> bool:
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    return bool(getattr(m, "allow_tf32", False))
+
+
 def _flags(q: torch.Tensor):
     upcast = INTERPRET or q.dtype == torch.float32
-    fp32_ieee = upcast  # every dot sees fp32 operands then: keep them IEEE (no TF32)
+    # fp32 operands: IEEE dots unless torch itself lets fp32 matmuls use TF32, so the kernels
+    # round exactly like the reference's torch.matmul would on the same machine.
+    fp32_ieee = upcast and (INTERPRET or not _torch_allows_tf32())
     return upcast, fp32_ieee
 
 
