@@ -476,9 +476,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
     mems = torch.tensor([mem], dtype=torch.float64)
     gathered = [torch.zeros_like(mems) for _ in range(world)]
     dist.all_gather(gathered, mems)
+    mem_ranks = [round(g.item(), 1) for g in gathered]
+    if is_main:
+        summary = {"name": cfg.name, "steps": step, "final_loss": result.final_loss,
+                   "step_time_s": mean_dt, "images_per_s": result.images_per_s,
+                   "peak_memory_mib_per_rank": mem_ranks, "world_size": world,
+                   "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
+                   "grad_accum": plan.grad_accum, "zero_stage": stage, "precision": precision,
+                   "device": device.type, "torch_threads": torch.get_num_threads(),
+                   "checkpoint": last_ckpt, "export": export_path, "tensorboard": tb_dir,
+                   "mIoU": (eval_res or {}).get("mIoU")}
+        ckpt.atomic_write_text(os.path.join(out_dir, "summary.json"),
+                               json.dumps(summary, indent=1))
     say(f"[train] done: {step} steps, final loss {result.final_loss:.4f}, "
         f"{mean_dt:.3f} s/step ({result.images_per_s:.1f} img/s), peak memory per rank "
-        f"{', '.join(f'{g.item():.0f}' for g in gathered)} MiB; checkpoint {last_ckpt}; "
-        f"export {export_path}; tensorboard {tb_dir}")
+        f"{', '.join(f'{m:.0f}' for m in mem_ranks)} MiB; checkpoint {last_ckpt}; "
+        f"export {export_path}; tensorboard {tb_dir}; summary "
+        f"{os.path.join(out_dir, 'summary.json')}")
     return result
 
