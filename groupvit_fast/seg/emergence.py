@@ -1,0 +1,166 @@
+"""The end of ``make train``: zero-shot segmentation of the embedded data set's held-out split,
+shown beside the two non-grouping baselines and a random-init model of the same architecture.
+
+    python -m groupvit_fast.seg.emergence --checkpoint output/default/final.pth --out output/default
+
+The background threshold of every model is chosen on the *val* split, never on *test*. Writes
+``emergence.json`` (all numbers) and ``emergence.png`` (inputs, ground truth, predictions and the
+stage-1 / stage-2 group maps) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _row(name: str, res: Dict, names: Sequence[str]) -> List[str]:
+    ious = [res["per_class"][c]["IoU"] for c in names]
+    fmt = lambda v: "  -  " if v is None else f"{v:5.1f}"  # noqa: E731
+    return [name] + [fmt(v) for v in ious] + [fmt(res["mIoU"])]
+
+
+def format_table(results: Dict[str, Dict], names: Sequence[str]) -> str:
+    header = ["model"] + [n[:10] for n in names] + ["mIoU"]
+    rows = [header] + [_row(k, v, names) for k, v in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _colour(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    return palette[np.clip(labels, 0, len(palette) - 1)]
+
+
+def save_grid(path: str, segmenter, dataset, n: int = 8) -> str:
+    """Rows: input | ground truth | prediction | stage-1 groups | stage-2 groups (upscaled)."""
+    from PIL import Image, ImageDraw
+    from .visualize import class_palette, group_palettes
+    names = list(dataset.class_names)
+    pal = class_palette(len(names), True)
+    n = min(n, len(dataset))
+    samples = [dataset[i] for i in range(n)]
+    outs = segmenter.predict_batch([s[0] for s in samples], return_groups=True)
+    H, W = samples[0][1].shape
+    scale = max(1, 96 // max(H, W))
+    th, tw = H * scale, W * scale
+    cols = ["input", "ground truth", "prediction", "stage-1 groups", "stage-2 groups"]
+    gap, title = 4, 16
+    width = len(cols) * (tw + gap) + gap
+    # legend entries wrap onto as many 18-px lines as the width needs
+    spots, x, y = [], gap, 0
+    for name in names:
+        w = 13 + 7 * len(name) + 10
+        if x + w > width and x > gap:
+            x, y = gap, y + 18
+        spots.append((x, y))
+        x += w
+    legend_h = y + 18
+    canvas = Image.new("RGB", (width, title + n * (th + gap) + legend_h + gap), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for j, c in enumerate(cols):
+        d.text((gap + j * (tw + gap), 2), c, fill=(0, 0, 0))
+    for i, ((img, mask), out) in enumerate(zip(samples, outs)):
+        groups = out.groups or []
+        gpals = group_palettes([int(g.max()) + 1 for g in groups]) if groups else []
+        tiles = [np.asarray(img), _colour(np.asarray(mask), pal), _colour(out.labels, pal)]
+        tiles += [gp[np.asarray(g) % len(gp)] for g, gp in zip(groups, gpals)]
+        for j, t in enumerate(tiles[:len(cols)]):
+            im = Image.fromarray(t.astype(np.uint8)).resize((tw, th), Image.NEAREST)
+            canvas.paste(im, (gap + j * (tw + gap), title + i * (th + gap)))
+    top = title + n * (th + gap)
+    for k, (name, (x, y)) in enumerate(zip(names, spots)):
+        d.rectangle([x, top + y + 3, x + 10, top + y + 13], fill=tuple(int(v) for v in pal[k]))
+        d.text((x + 13, top + y + 2), name, fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    canvas.save(tmp, "PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
+                     dataset: str = "synthetic", dataset_kw: Optional[dict] = None,
+                     limit: Optional[int] = None, grid_images: int = 8, log=print,
+                     **segmenter_kw) -> Dict:
+    """Evaluate ``model`` (and ``random_model``) on the held-out test split with thresholds
+    chosen on val; returns the results dict and writes JSON + PNG into ``out_dir``."""
+    from .datasets import build_dataset
+    from .evaluate import zero_shot_report
+    from .segmenter import ZeroShotSegmenter
+    segmenter_kw = {"img_scale": None, "mode": "whole", **segmenter_kw}
+    model.eval()
+    rep = zero_shot_report(model, dataset, baselines=True, limit=limit, dataset_kw=dataset_kw,
+                           **segmenter_kw)
+    results = {"GroupViT (trained)": rep["groupvit"], "pixel-wise baseline": rep["pixelwise"],
+               "K-means baseline": rep["kmeans"]}
+    thresholds = {"GroupViT (trained)": rep["bg_thresh"]}
+    if random_model is not None:
+        random_model.eval()
+        rnd = zero_shot_report(random_model, dataset, baselines=False, limit=limit,
+                               dataset_kw=dataset_kw, **segmenter_kw)
+        results["GroupViT (random init)"] = rnd["groupvit"]
+        thresholds["GroupViT (random init)"] = rnd["bg_thresh"]
+    test = build_dataset(dataset, None, split="test", **(dataset_kw or {}))
+    names = list(test.class_names)
+    # the trivial "everything is background" prediction, for scale
+    from .metrics import IoUAccumulator
+    acc = IoUAccumulator(len(names))
+    n = len(test) if limit is None else min(limit, len(test))
+    for i in range(n):
+        _, mask = test[i]
+        acc.update(np.zeros_like(np.asarray(mask)), np.asarray(mask))
+    results["all background"] = acc.summary(names)
+    table = format_table(results, names)
+    best_baseline = max(results["pixel-wise baseline"]["mIoU"], results["K-means baseline"]["mIoU"])
+    summary = {
+        "dataset": dataset, "split": "test", "images": n, "bg_thresh (chosen on val)": thresholds,
+        "mIoU": {k: v["mIoU"] for k, v in results.items()},
+        "margin_over_best_baseline": results["GroupViT (trained)"]["mIoU"] - best_baseline,
+        "per_class": {k: v["per_class"] for k, v in results.items()},
+    }
+    log(f"\nZero-shot segmentation, held-out '{dataset}' test split ({n} images; background "
+        f"threshold chosen on val), IoU %:\n{table}")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        seg = ZeroShotSegmenter(model, names, bg_thresh=rep["bg_thresh"], **segmenter_kw)
+        png = save_grid(os.path.join(out_dir, "emergence.png"), seg, test, n=grid_images)
+        summary["picture"] = png
+        path = os.path.join(out_dir, "emergence.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        log(f"[emergence] picture: {png}\n[emergence] numbers: {path}")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pth, official layout)")
+    p.add_argument("--out", default=None, help="folder for emergence.json / emergence.png "
+                                               "(default: the checkpoint's folder)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init comparison model")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..checkpoint import load_checkpoint, infer_model_config
+    from ..config import build_model
+    model = load_checkpoint(args.checkpoint)
+    torch.manual_seed(args.seed)
+    random_model = build_model(infer_model_config(model.state_dict()))
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
