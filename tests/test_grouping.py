@@ -381,3 +381,18 @@ def test_torch_compile_no_graph_break(backend_env):
     dynamo.reset()
     g = lambda q, k, v: gumbel_assign_merge(q, k, v, scale=0.25, gumbel=True)
     assert dynamo.explain(g)(q, k, v).graph_break_count == 0
+
+
+@needs_native
+def test_torch_compile_model_assignment_no_graph_break(backend_env):
+    """The model's assignment layer (training: noise + grad; eval) traces in one graph."""
+    backend_env(None)
+    import torch._dynamo as dynamo
+    from groupvit_fast.models.group_vit import AssignAttention
+    layer = AssignAttention(32, qkv_bias=True, gumbel=True)
+    query, x = torch.randn(2, 8, 32), torch.randn(2, 20, 32)
+    for train in (True, False):
+        layer.train(train)
+        dynamo.reset()
+        explain = dynamo.explain(layer)(query, x, return_attn=True)
+        assert explain.graph_break_count == 0, (train, explain.break_reasons)

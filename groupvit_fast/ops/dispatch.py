@@ -100,8 +100,12 @@ def get_backend(q: torch.Tensor, *, hard: bool = True, num_tokens: Optional[int]
         if name == "triton" and q.device.type != "cuda":
             continue  # the interpreter is a test vehicle, never an automatic choice
         if (name == "cpu" and needs_grad and num_tokens is not None
-                and q.shape[1] * num_tokens <= SMALL_GRAD_SN):
-            continue  # measured: no faster than the reference here (module docstring)
+                and q.shape[1] * num_tokens <= SMALL_GRAD_SN
+                and not torch.compiler.is_compiling()):
+            # measured: no faster than the reference here (module docstring). Under
+            # torch.compile the custom op stays: the reference's seeded generator would need
+            # the seed as a Python int, i.e. a graph break.
+            continue
         if _unsupported_reason(name, q, hard) is None:
             return name
     return "reference"
