@@ -197,25 +197,31 @@ def test_loss_scale_and_custom_backward():
 
 
 def _saved_peak(a, b, keep_last=True):
+    """(peak of the encoder passes that keep activations, peak of the whole step)."""
     net = tiny_model(drop_path_rate=0.1)
     mbs = split(*make_batch(a * b), a)
-    meter = SavedTensorMeter()
+    whole = SavedTensorMeter()
+    enc = SavedTensorMeter(parent=whole)
     torch.manual_seed(0)
-    grad_cache_step(net, mbs, keep_last=keep_last, encoder_context=meter)
-    assert meter.live == 0  # every graph was freed after its backward
-    return meter.peak
+    with whole():
+        grad_cache_step(net, mbs, keep_last=keep_last, encoder_context=enc)
+    # every graph was freed: after its backward, or at once for the first-pass graphs
+    assert enc.live == 0 and whole.live == 0
+    return enc.peak, whole.peak
 
 
 def test_activation_memory_bounded_by_micro_batch():
-    """Saved-for-backward bytes of the encoders peak at one micro batch's worth: the same for
-    a=2 and a=4 at b=2, a fraction of a single b=8 batch."""
-    p2 = _saved_peak(a=2, b=2)
-    p4 = _saved_peak(a=4, b=2)
-    p4_rerun_all = _saved_peak(a=4, b=2, keep_last=False)
-    full = _saved_peak(a=1, b=8)
-    assert p2 > 0
-    assert p4 <= 1.05 * p2 and p4_rerun_all <= 1.05 * p2
-    assert full >= 3.0 * p4
+    """Saved-for-backward bytes peak at one micro batch's worth: the same for a=2 and a=4 at b=2,
+    a fraction of a single b=8 batch. The whole step (first pass, projector + loss over the a·b
+    rows, re-runs) stays flat in a too at these sizes, where the a·b-row head is small."""
+    e2, w2 = _saved_peak(a=2, b=2)
+    e4, w4 = _saved_peak(a=4, b=2)
+    e4_rerun_all, _ = _saved_peak(a=4, b=2, keep_last=False)
+    full, _ = _saved_peak(a=1, b=8)
+    assert e2 > 0
+    assert e4 <= 1.05 * e2 and e4_rerun_all <= 1.05 * e2
+    assert full >= 3.0 * e4
+    assert w4 <= 1.1 * w2
 
 
 def test_bad_micro_batches_fail_clearly():

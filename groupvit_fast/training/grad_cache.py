@@ -206,7 +206,10 @@ class SavedTensorMeter:
             m._acquire(key)
             meters.append(m)
             m = m.parent
-        return SavedTensorMeter._Packed(t, meters, key)
+        # hold a detached alias: a saved *output* holds its grad_fn, and the graph holds this
+        # object, so keeping ``t`` itself would make a cycle that outlives the graph (autograd
+        # re-attaches grad_fn on unpack)
+        return SavedTensorMeter._Packed(t.detach(), meters, key)
 
     @staticmethod
     def _unpack(p):
