@@ -290,3 +290,17 @@ def test_use_checkpoint_same_outputs_and_grads():
 def test_import_and_default_construct():
     m = gf.GroupViT()
     assert m.num_features == 384
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference")
+                                     if b in gf.ops.available_backends()])
+def test_backward_inside_autocast_region(backend, monkeypatch):
+    # gradients may arrive in the autocast dtype; the grouping op must accept them
+    monkeypatch.setenv("GROUPVIT_FAST_BACKEND", backend)
+    torch.manual_seed(0)
+    m = tiny_image().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(torch.randn(2, 3, 32, 32))
+        y.float().pow(2).sum().backward()
+    g = m.layers[0].downsample.assign.q_proj.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0

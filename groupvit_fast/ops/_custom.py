@@ -118,8 +118,13 @@ def _backward(ctx, dout, _didx, _dcnt, _dhard, _dsoft):
     scale, gumbel, tau, eps, hard, backend = ctx.args
     if dout is None:
         dout = torch.zeros_like(q)
-    dq, dk, dv = assign_merge_bwd(dout.contiguous(), q, k, v, idx, cnt, seed, scale, gumbel,
-                                  tau, eps, hard, backend)
+    # A backward run inside an autocast region hands us the gradient in the autocast dtype and
+    # would let autocast recast the kernels' internal matmuls; the backward runs in the dtype the
+    # forward ran in.
+    dout = dout.to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv = assign_merge_bwd(dout.contiguous(), q, k, v, idx, cnt, seed, scale, gumbel,
+                                      tau, eps, hard, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
