@@ -45,10 +45,14 @@ ext: $(EXT_STAMP)
 test: env
 	$(PY) -m pytest -q tests
 
-# The main job on the embedded default: DeepSpeed training on the synthetic dataset, then
-# zero-shot segmentation of the held-out split.
+# The main job on the embedded default: DeepSpeed training on the synthetic dataset (one CPU
+# rank here, every GPU on a GPU machine), then zero-shot segmentation of its held-out split
+# beside the baselines and a random-init model (table + output/default/emergence.png).
+TRAIN_OUT ?= output/default
+
 train: env
-	$(VENV)/bin/deepspeed --num_gpus 1 train/main.py
+	$(VENV)/bin/deepspeed train/main.py --set checkpoint.output_dir=$(TRAIN_OUT)
+	$(PY) -m groupvit_fast.seg.emergence --checkpoint $(TRAIN_OUT)
 
 bench: env
 	$(PY) bench/grouping.py

@@ -1,7 +1,7 @@
 """The end of ``make train``: zero-shot segmentation of the embedded data set's held-out split,
 shown beside the two non-grouping baselines and a random-init model of the same architecture.
 
-    python -m groupvit_fast.seg.emergence --checkpoint output/default/final.pth --out output/default
+    python -m groupvit_fast.seg.emergence --checkpoint output/default   # a run dir or a .pth
 
 The background threshold of every model is chosen on the *val* split, never on *test*. Writes
 ``emergence.json`` (all numbers) and ``emergence.png`` (inputs, ground truth, predictions and the
@@ -85,32 +85,60 @@ def save_grid(path: str, segmenter, dataset, n: int = 8) -> str:
     return path
 
 
+BASELINE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _select_baseline_thresh(kind, model, text_emb, val, *, img_scale, limit, candidates):
+    """Background threshold of a baseline chosen on val, like GroupViT's: every method gets its
+    own best threshold, so the comparison is not tilted by a threshold tuned for another."""
+    from .baselines import make_segment_fn
+    from .evaluate import evaluate_dataset
+    scores = {}
+    for t in candidates:
+        fn = make_segment_fn(kind, model, text_emb, with_bg=True, bg_thresh=t,
+                             img_scale=img_scale)
+        scores[float(t)] = evaluate_dataset(fn, val, len(val.class_names), limit=limit)["mIoU"]
+    best = max(scores, key=lambda t: (scores[t], -t))
+    return best, scores
+
+
 def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
                      dataset: str = "synthetic", dataset_kw: Optional[dict] = None,
                      limit: Optional[int] = None, grid_images: int = 8, log=print,
                      **segmenter_kw) -> Dict:
     """Evaluate ``model`` (and ``random_model``) on the held-out test split with thresholds
     chosen on val; returns the results dict and writes JSON + PNG into ``out_dir``."""
+    from .baselines import make_segment_fn
     from .datasets import build_dataset
-    from .evaluate import zero_shot_report
+    from .evaluate import evaluate_dataset, zero_shot_report
+    from .metrics import IoUAccumulator
     from .segmenter import ZeroShotSegmenter
     segmenter_kw = {"img_scale": None, "mode": "whole", **segmenter_kw}
+    dkw = dict(dataset_kw or {})
     model.eval()
-    rep = zero_shot_report(model, dataset, baselines=True, limit=limit, dataset_kw=dataset_kw,
+    rep = zero_shot_report(model, dataset, baselines=False, limit=limit, dataset_kw=dkw,
                            **segmenter_kw)
-    results = {"GroupViT (trained)": rep["groupvit"], "pixel-wise baseline": rep["pixelwise"],
-               "K-means baseline": rep["kmeans"]}
+    results = {"GroupViT (trained)": rep["groupvit"]}
     thresholds = {"GroupViT (trained)": rep["bg_thresh"]}
+    val = build_dataset(dataset, None, split="val", **dkw)
+    test = build_dataset(dataset, None, split="test", **dkw)
+    names = list(test.class_names)
+    seg = ZeroShotSegmenter(model, names, bg_thresh=rep["bg_thresh"], **segmenter_kw)
+    for kind, label in (("pixelwise", "pixel-wise baseline"), ("kmeans", "K-means baseline")):
+        thr, _ = _select_baseline_thresh(kind, model, seg.text_embedding, val,
+                                         img_scale=seg.img_scale, limit=limit,
+                                         candidates=BASELINE_THRESHOLDS)
+        fn = make_segment_fn(kind, model, seg.text_embedding, with_bg=True, bg_thresh=thr,
+                             img_scale=seg.img_scale)
+        results[label] = evaluate_dataset(fn, test, len(names), limit=limit)
+        thresholds[label] = thr
     if random_model is not None:
         random_model.eval()
         rnd = zero_shot_report(random_model, dataset, baselines=False, limit=limit,
-                               dataset_kw=dataset_kw, **segmenter_kw)
+                               dataset_kw=dkw, **segmenter_kw)
         results["GroupViT (random init)"] = rnd["groupvit"]
         thresholds["GroupViT (random init)"] = rnd["bg_thresh"]
-    test = build_dataset(dataset, None, split="test", **(dataset_kw or {}))
-    names = list(test.class_names)
     # the trivial "everything is background" prediction, for scale
-    from .metrics import IoUAccumulator
     acc = IoUAccumulator(len(names))
     n = len(test) if limit is None else min(limit, len(test))
     for i in range(n):
@@ -124,12 +152,12 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
         "mIoU": {k: v["mIoU"] for k, v in results.items()},
         "margin_over_best_baseline": results["GroupViT (trained)"]["mIoU"] - best_baseline,
         "per_class": {k: v["per_class"] for k, v in results.items()},
+        "table": table,
     }
     log(f"\nZero-shot segmentation, held-out '{dataset}' test split ({n} images; background "
-        f"threshold chosen on val), IoU %:\n{table}")
+        f"thresholds chosen on val), IoU %:\n{table}")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        seg = ZeroShotSegmenter(model, names, bg_thresh=rep["bg_thresh"], **segmenter_kw)
         png = save_grid(os.path.join(out_dir, "emergence.png"), seg, test, n=grid_images)
         summary["picture"] = png
         path = os.path.join(out_dir, "emergence.json")
@@ -140,10 +168,22 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
     return summary
 
 
+def latest_export(run_dir: str) -> str:
+    """Newest consolidated export (``<run_dir>/export/*.pth``) of a training run."""
+    import glob
+    files = sorted(glob.glob(os.path.join(run_dir, "export", "*.pth")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no exported checkpoint under {run_dir}/export/ (did the "
+                                f"training run finish?)")
+    return files[-1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="trained checkpoint (.pth, official layout)")
+    p.add_argument("--checkpoint", required=True,
+                   help="trained checkpoint (.pth, official layout) or a training run directory "
+                        "(its newest export/*.pth is used)")
     p.add_argument("--out", default=None, help="folder for emergence.json / emergence.png "
                                                "(default: the checkpoint's folder)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
@@ -154,10 +194,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from ..checkpoint import load_checkpoint, infer_model_config
     from ..config import build_model
-    model = load_checkpoint(args.checkpoint)
+    ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+    model = load_checkpoint(ckpt)
     torch.manual_seed(args.seed)
     random_model = build_model(infer_model_config(model.state_dict()))
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint)
+                       else os.path.dirname(os.path.abspath(ckpt)))
     emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit)
     return 0
 
