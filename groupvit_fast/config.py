@@ -31,6 +31,9 @@ class ImageEncoderConfig:
     pos_embed_type: str = "simple"
     freeze_patch_embed: bool = False
     gumbel_tau: float = 1.0
+    #: Gumbel noise in training; None = hard_assignment (the official behaviour). A recipe
+    #: option (a departure from the paper), not a release setting.
+    gumbel: Optional[bool] = None
 
 
 @dataclass

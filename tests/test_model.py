@@ -304,3 +304,14 @@ def test_backward_inside_autocast_region(backend, monkeypatch):
         y.float().pow(2).sum().backward()
     g = m.layers[0].downsample.assign.q_proj.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_gumbel_option_trains_with_noise_free_argmax():
+    torch.manual_seed(0)
+    m = tiny_image(gumbel=False).train()
+    x = torch.randn(3, 3, 32, 32)
+    a = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+    b = m(x, return_attn=True, as_dict=True)["attn_dicts"][0]
+    assert torch.equal(a["hard"], b["hard"])  # no noise: deterministic in training too
+    assert torch.equal(a["hard"].argmax(2), a["soft"].argmax(2))
+    assert tiny_image().layers[0].downsample.assign.gumbel  # official default: noise when hard

@@ -224,7 +224,8 @@ class GroupViT(nn.Module):
                  num_group_tokens=(64, 8, 0), num_output_groups=(64, 8), hard_assignment=True,
                  mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.1, patch_norm=True, use_checkpoint=False,
-                 pos_embed_type="simple", freeze_patch_embed=False, gumbel_tau=1.0):
+                 pos_embed_type="simple", freeze_patch_embed=False, gumbel_tau=1.0,
+                 gumbel=None):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"GroupViT: patch_size must be 4, 8 or 16, got {patch_size}")
@@ -292,7 +293,10 @@ class GroupViT(nn.Module):
                                            num_group_token=num_group_tokens[i],
                                            num_output_group=num_output_groups[i],
                                            norm_layer=norm_layer, hard=hard_assignment,
-                                           gumbel=hard_assignment, gumbel_tau=gumbel_tau)
+                                           # official: Gumbel noise exactly when hard; small
+                                           # recipes may train with the noise-free argmax
+                                           gumbel=hard_assignment if gumbel is None else gumbel,
+                                           gumbel_tau=gumbel_tau)
                 num_output_token = num_output_groups[i]
             group_projector = None
             if i > 0 and num_group_tokens[i] > 0:
