@@ -20,6 +20,15 @@ EOT = VOCAB - 1  # the text encoder pools at the argmax id
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: a second intra-op thread only adds OpenMP barrier spinning on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(multi_label=2, drop_path_rate=0.1, gumbel=True, context_length=16, seed=0):
     torch.manual_seed(seed)
     img = GroupViT(img_size=32, patch_size=8, embed_dim=64, depths=[1, 1, 1],
@@ -248,6 +257,7 @@ DS_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
     import torch, deepspeed
     from deepspeed.runtime.engine import DeepSpeedEngine
+    torch.set_num_threads(1)
     from test_grad_cache import tiny_model, make_batch, split, reference_step
     from groupvit_fast.training.grad_cache import grad_cache_step
     # DeepSpeed 0.19.8 broadcasts p.data.view(uint8), which fails on the 0-dim logit scales;
@@ -272,11 +282,19 @@ DS_SCRIPT = textwrap.dedent(r"""
         out = grad_cache_step(eng, mbs)
         torch.manual_seed(7)
         _, total = reference_step(ref, mbs)
+        # the update q - p must be the reference gradient. ZeRO 1/2 sum the micro batches'
+        # gradients in their own fp32 buffers, in another order than autograd's .grad: measured
+        # ~1e-5 of the largest gradient, which swamps gradients that are zero up to rounding
+        # (biases followed by a LayerNorm/BN), hence the floor at 1e-5 x the largest; a lost or
+        # doubled micro batch / head term would be O(1) relative on the large gradients
         err = 0.0
+        eps = torch.finfo(torch.float32).eps
+        top = max(float(q.grad.abs().max()) for q in ref.parameters())
         with torch.no_grad():
             for (n, p), (_, q) in zip(eng.module.named_parameters(), ref.named_parameters()):
-                exp = q - q.grad
-                err = max(err, float((p - exp).abs().max() / (q.grad.abs().max() + 1e-12)))
+                g = q.grad
+                tol = 1e-4 * max(float(g.abs().max()), 0.1 * top) + 4 * eps * float(q.abs().max())
+                err = max(err, float(((q - p) - g).abs().max()) / tol)
         res[name] = dict(err=err, loss=float(out["total"]), ref=float(total),
                          steps=int(eng.global_steps))
     print("RESULT" + json.dumps(res))
@@ -296,7 +314,7 @@ def test_deepspeed_engine_one_update_per_global_batch(tmp_path):
     for name, r in res.items():
         assert r["steps"] == 1, (name, r)
         assert abs(r["loss"] - r["ref"]) < 1e-5 * abs(r["ref"]), (name, r)
-        assert r["err"] < 1e-4, (name, r)
+        assert r["err"] < 1.0, (name, r)
 
 
 def test_before_backward_can_abandon_the_step():

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_grad_cache import (assert_grads_close, full_forward_step, grads, make_batch,  # noqa: E402
-                             reference_step, split, tiny_model)
+                             one_thread, reference_step, split, tiny_model)
 
 WORLD, A, B = 2, 2, 2
 N = WORLD * A * B
