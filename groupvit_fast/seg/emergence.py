@@ -85,7 +85,9 @@ def save_grid(path: str, segmenter, dataset, n: int = 8) -> str:
     return path
 
 
-BASELINE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+BASELINE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)
+#: val images used to choose a baseline's threshold (each candidate is a full pass per image)
+BASELINE_VAL_IMAGES = 100
 
 
 def _select_baseline_thresh(kind, model, text_emb, val, *, img_scale, limit, candidates):
@@ -125,8 +127,9 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
     names = list(test.class_names)
     seg = ZeroShotSegmenter(model, names, bg_thresh=rep["bg_thresh"], **segmenter_kw)
     for kind, label in (("pixelwise", "pixel-wise baseline"), ("kmeans", "K-means baseline")):
+        val_limit = BASELINE_VAL_IMAGES if limit is None else min(limit, BASELINE_VAL_IMAGES)
         thr, _ = _select_baseline_thresh(kind, model, seg.text_embedding, val,
-                                         img_scale=seg.img_scale, limit=limit,
+                                         img_scale=seg.img_scale, limit=val_limit,
                                          candidates=BASELINE_THRESHOLDS)
         fn = make_segment_fn(kind, model, seg.text_embedding, with_bg=True, bg_thresh=thr,
                              img_scale=seg.img_scale)
