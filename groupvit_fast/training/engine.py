@@ -301,6 +301,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
         f"{f' (stopping at {stop_at})' if stop_at < total_steps else ''}, lr {sched.base_lr:.3g} "
         f"(warm-up {sched.warmup_steps} steps from {sched.warmup_lr:.3g}, cosine to "
         f"{sched.min_lr:.3g}), device {device.type} × {world}")
+    from .grad_cache import accum_mode_message
+    say("[train] " + accum_mode_message(
+        "gradcache" if t.grad_cache else "naive", plan.global_batch, plan.micro_batch,
+        plan.grad_accum, world))
 
     tb_dir = os.path.join(out_dir, "tb") if cfg.monitor.tensorboard else None
     if is_main:
@@ -400,7 +404,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             if use_gc:
                 # one global-batch objective over all micro batches; runs the engine steps
                 from .grad_cache import grad_cache_step
-                out = grad_cache_step(engine, micro)
+
+                def abort_if_nonfinite(losses, _step=step, _epoch=epoch, _lr=lr):
+                    # decided identically on every rank, before any gradient or update
+                    v = torch.stack([losses[k].detach().float().reshape(())
+                                     for k in sorted(losses) if "loss" in k])
+                    bad = torch.tensor([0.0 if bool(torch.isfinite(v).all()) else 1.0])
+                    dist.all_reduce(bad)
+                    if bad.item() > 0:
+                        _check_finite(torch.tensor([float("nan")]), _step, _epoch, _lr,
+                                      last_ckpt)
+                out = grad_cache_step(engine, micro, before_backward=abort_if_nonfinite)
                 if loss_keys is None:
                     loss_keys = sorted(k for k in out if "loss" in k and k != "total_loss")
                 vec = torch.stack([sum(out[k].detach().float() for k in loss_keys)] +
