@@ -56,27 +56,29 @@ def test_format_table_marks_missing_classes():
 
 
 @pytest.mark.slow
-def test_short_default_recipe_learns_and_beats_random_init(tmp_path, monkeypatch):
-    """The default recipe through the real entry point (DeepSpeed, shards, loader), shortened."""
-    env = dict(os.environ, GROUPVIT_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+def test_default_recipe_learns_and_beats_random_init(tmp_path, monkeypatch):
+    """The default recipe through the real entry point (DeepSpeed, shards, loader) for 4 of its
+    epochs. Shorter schedules were measured not to be enough: after ~375 steps the trained model
+    (9.4 mIoU) did not yet beat a random-init model whose val-chosen threshold makes it predict
+    all background (10.9); after 4 epochs it did (14.7 vs 2.2, all background 10.8)."""
+    env = dict(os.environ, GROUPVIT_FAST_CACHE=str(tmp_path / "cache"))
     run = tmp_path / "run"
-    syn = json.dumps(SMALL).replace(" ", "")
     cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--set",
-           f"checkpoint.output_dir={run}", "train.epochs=5", "train.warmup_epochs=1",
-           f"data.options={{\"synthetic\":{syn}}}", "monitor.eval_dataset=None",
-           "monitor.progress=false", "checkpoint.save_every_steps=1000"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+           f"checkpoint.output_dir={run}", "train.epochs=4", "monitor.eval_dataset=None",
+           "monitor.progress=false", "checkpoint.save_every_steps=100000"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [json.loads(line)["loss/total"] for line in open(run / "metrics.jsonl")
               if "loss/total" in line]
-    assert len(losses) >= 100
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+    assert len(losses) >= 1000
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 1.0
     model = gf.load_checkpoint(latest_export(str(run)))
     monkeypatch.setenv("GROUPVIT_FAST_CACHE", env["GROUPVIT_FAST_CACHE"])
-    out = emergence_report(model, random_model=_random_like(model), out_dir=None,
-                           dataset_kw={"cfg": SMALL}, log=print)
-    trained, rnd = out["mIoU"]["GroupViT (trained)"], out["mIoU"]["GroupViT (random init)"]
+    out = emergence_report(model, random_model=_random_like(model), out_dir=None, log=print)
+    m = out["mIoU"]
+    trained, rnd = m["GroupViT (trained)"], m["GroupViT (random init)"]
     assert trained > rnd + 2.0, out["table"]
+    assert trained > m["all background"] + 1.0, out["table"]
 
 
 def _random_like(model):
