@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .shards import (IMAGE_EXTS, TEXT_EXTS, DataStats, expand_shards, split_member_name)
+from .shards import (IMAGE_EXTS, TEXT_EXTS, DataStats, collect_tar_samples, expand_shards,
+                     split_member_name)
 
 
 # ------------------------------------------------------------------------------------ shard index
@@ -76,23 +77,13 @@ def _scan_tar(path: str, stats: DataStats) -> List[List[Tuple[str, int, int, str
     """Components (ext, data offset, size, name) of a tar, stopping cleanly where it is broken."""
     import tarfile
     out: List[List[Tuple[str, int, int, str]]] = []
-    last = None
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = split_member_name(m.name)
-                if not key or not ext:
-                    continue
-                if key != last:
-                    out.append([])
-                    last = key
-                out[-1].append((ext, m.offset_data, m.size, m.name))
-            end = tf.offset
+            end = collect_tar_samples(tf, out)
         if os.path.getsize(path) < end + 1024:
             raise tarfile.ReadError(f"no end-of-archive marker after byte {end}")
     except (tarfile.TarError, OSError, EOFError) as e:
+        last = split_member_name(out[-1][0][3])[0] if out else None
         stats.add_bad(path, last or "<start>", f"truncated/corrupt tar: {e}", "truncated_tar")
         if out:
             out.pop()  # the sample being read when the tar broke may lack components

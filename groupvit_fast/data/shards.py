@@ -29,22 +29,31 @@ def split_member_name(name: str) -> Tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+def collect_tar_samples(tf: "tarfile.TarFile", samples: List[List[Tuple[str, int, int, str]]]
+                        ) -> int:
+    """Append the components ``(ext, data offset, size, name)`` of every sample of ``tf`` to
+    ``samples``, one list per run of members sharing a key. Filled in place, so a caller that
+    catches a read error keeps what was read before it. Returns the archive offset reached."""
+    last = None
+    for m in tf:
+        if not m.isfile():
+            continue
+        key, ext = split_member_name(m.name)
+        if not key or not ext:
+            continue
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append((ext, m.offset_data, m.size, m.name))
+    return tf.offset
+
+
 def write_dali_index(tar_path: str, idx_path: Optional[str] = None) -> str:
     """Write the DALI ``v1.2`` index of ``tar_path`` (offsets of each component's data)."""
     idx_path = idx_path or os.path.splitext(tar_path)[0] + ".idx"
     samples: List[List[Tuple[str, int, int, str]]] = []
-    last = None
     with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = split_member_name(m.name)
-            if not key or not ext:
-                continue
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append((ext, m.offset_data, m.size, m.name))
+        collect_tar_samples(tf, samples)
     if not samples:
         raise ValueError(f"{tar_path}: empty webdataset shard, no index written")
     tmp = idx_path + ".tmp"
