@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 
 from groupvit_fast.ops import dispatch  # noqa: E402
 from groupvit_fast.ops import gumbel_assign_merge, gumbel_assign_merge_reference  # noqa: E402
+from groupvit_fast.ops.memory import saved_bytes  # noqa: E402
 
 # HBM peak bandwidths (GB/s) of the GPUs this project may meet (vendor datasheets).
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0}
@@ -68,21 +69,6 @@ def timeit(fn, device, reps, warmup, min_time=1.0, max_reps=200):
     return q(0.5), q(0.2), q(0.8)
 
 
-def saved_bytes(fn, inputs):
-    """Bytes autograd keeps for backward beyond the storages of ``inputs``."""
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in input_ptrs:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def op_bytes(B, S, N, C, elem, mode):

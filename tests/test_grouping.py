@@ -13,6 +13,7 @@ import torch
 from groupvit_fast.ops import dispatch
 from groupvit_fast.ops import gumbel_assign_merge, gumbel_assign_merge_reference
 from groupvit_fast.ops import _custom
+from groupvit_fast.ops.memory import saved_bytes
 
 NATIVE = _custom.native()
 needs_native = pytest.mark.skipif(NATIVE is None, reason="groupvit_fast._C not built (make ext)")
@@ -321,21 +322,6 @@ def test_default_cpu_backend_follows_measurements(backend_env):
 
 
 # --------------------------------------------------------------------------- saved bytes
-def saved_bytes(fn, inputs):
-    """Bytes autograd keeps for backward, excluding storages of the inputs themselves."""
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in input_ptrs:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 @needs_native
