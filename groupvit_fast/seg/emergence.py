@@ -34,14 +34,10 @@ def format_table(results: Dict[str, Dict], names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _colour(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    return palette[np.clip(labels, 0, len(palette) - 1)]
-
-
 def save_grid(path: str, segmenter, dataset, n: int = 8) -> str:
     """Rows: input | ground truth | prediction | stage-1 groups | stage-2 groups (upscaled)."""
     from PIL import Image, ImageDraw
-    from .visualize import class_palette, group_palettes
+    from .visualize import class_palette, colorize, group_palettes
     names = list(dataset.class_names)
     pal = class_palette(len(names), True)
     n = min(n, len(dataset))
@@ -69,7 +65,7 @@ def save_grid(path: str, segmenter, dataset, n: int = 8) -> str:
     for i, ((img, mask), out) in enumerate(zip(samples, outs)):
         groups = out.groups or []
         gpals = group_palettes([int(g.max()) + 1 for g in groups]) if groups else []
-        tiles = [np.asarray(img), _colour(np.asarray(mask), pal), _colour(out.labels, pal)]
+        tiles = [np.asarray(img), colorize(mask, pal), colorize(out.labels, pal)]
         tiles += [gp[np.asarray(g) % len(gp)] for g, gp in zip(groups, gpals)]
         for j, t in enumerate(tiles[:len(cols)]):
             im = Image.fromarray(t.astype(np.uint8)).resize((tw, th), Image.NEAREST)
