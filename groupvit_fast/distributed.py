@@ -18,6 +18,17 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def shutdown() -> None:
+    """Destroy the process group while the interpreter is whole (pytorch/pytorch#190489): left
+    to interpreter finalization, gloo's worker threads can be destroyed still joinable and a
+    rank that finished its work dies with "terminate called without an active exception".
+    Call it only where every rank arrives together (a normal end): after an error on one rank
+    the others may still be inside a collective, and destroying would deadlock
+    (pytorch/torchtitan#1342)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 *with* gradient: the backward reduce-scatters (sums) every rank's
     gradient of its copy back to the owner, so a local loss over gathered negatives has the

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         import json
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from groupvit_fast.distributed import shutdown
     from groupvit_fast.training.engine import train
     from groupvit_fast.training.monitor import NonFiniteLoss
     try:
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         if os.environ.get("RANK", "0") == "0":  # every rank raises the same message
             print(f"[train] stopped: {e}", file=sys.stderr, flush=True)
+        shutdown()  # every rank stopped at the same step: no collective in flight
         return 3
+    shutdown()
     return 0
 
 

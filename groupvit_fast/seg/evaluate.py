@@ -334,6 +334,8 @@ def main(argv=None) -> int:
             json.dump(report, f, indent=2)
         os.replace(tmp, out)
         print(f'report written to {out}')
+    from ..distributed import shutdown
+    shutdown()
     return 0
 
 
