@@ -91,8 +91,11 @@ def test_fast_train_step_matches_reference_fp32(monkeypatch):
         losses, grads = run_train(model, img, text)
     for k in ref_losses:
         torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-5, atol=0)
+        # A scalar's eager error can land on ~0 by chance (seen: 3 ulp, where another CPU's
+        # kernels gave 18 ulp for the fast path), so the 2x-eager bound gets a floor of the
+        # issue's fp32 criterion, 1e-5 relative, instead of a fixed 1e-6
         assert abs(losses[k].item() - l64[k].item()) <= \
-            2 * abs(ref_losses[k].item() - l64[k].item()) + 1e-6
+            2 * abs(ref_losses[k].item() - l64[k].item()) + 1e-5 * abs(l64[k].item())
     assert grads.keys() == g64.keys()
     gscale = max(g.abs().max().item() for g in g64.values())
     for n in g64:
