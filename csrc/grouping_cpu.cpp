@@ -202,6 +202,11 @@ inline bool have_blas(double*) { return dgemm_ != nullptr; }
 // kernels read the operands in place (k_b / v_b rows streamed once, the small q_b / dout_b /
 // dA_b from L1) and keep every accumulator in registers. fp32 accumulation throughout.
 // Compiled twice: AVX2+FMA (picked at load time when the CPU has it) and baseline x86-64.
+// (v8sf never crosses a call boundary -- every helper taking one is always_inline -- so the
+// baseline build's "AVX vector return changes the ABI" note does not apply.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float v8sf __attribute__((vector_size(32)));
 
 GVF_ALWAYS_INLINE v8sf load8(const float* p) {
