@@ -10,11 +10,13 @@ Automatic choice (by measurement, see ``bench/grouping.py`` and ``bench/results/
 
 * CUDA tensors: ``triton``, else ``cuda``, else ``reference``; the fused GPU kernels implement
   the released ``hard=True`` assignment only, so ``hard=False`` runs the reference.
-* CPU tensors: ``cpu`` when the extension is built. Measured with ``bench/grouping.py
-  --threads 1 --clock thread`` (fp32, CPU time, bench/results/grouping-cpu-fp32-pt2.14.1-1thread.csv),
-  per-image fused kernel: forward 1.5-2.9x faster than the reference at every shape;
-  forward+backward 1.65x (B=256) / 1.47x (B=32) at the stage-1 shape (S=64, N=196) and
-  1.66x / 1.23x at the stage-2 shape (S=8, N=64), so gradient calls use it too.
+* CPU tensors: ``cpu`` when the extension is built, except for calls that need gradients at
+  small assignment sizes (S·N <= SMALL_GRAD_SN, the stage-2 shape S=8, N=64), where the
+  reference is as fast. Measured with ``bench/grouping.py --threads 1 --clock thread``
+  (fp32, CPU time, bench/results/grouping-cpu-fp32-pt2.14.1-1thread.csv): forward 1.5-2.2x
+  faster at every shape; forward+backward 1.14-1.19x at the stage-1 shape (S=64, N=196,
+  B=32/256) but 0.95-1.00x at the stage-2 shape, because backward recomputes A = q·kᵀ (one
+  extra product) and the small products there are dominated by BLAS packing overhead.
 
 Seeds: with ``gumbel=True`` and ``seed=None`` a fresh seed is drawn from torch's global CPU
 generator (``torch.randint``), so ``torch.manual_seed`` makes runs reproducible, and the seed of
@@ -35,6 +37,9 @@ ENV_VAR = "GROUPVIT_FAST_BACKEND"
 SEED_HIGH = 2**31 - 1  # seeds are non-negative int31 so they fit every backend's int argument
 
 _LAST = {"backend": None, "seed": None}
+# Below this many [S,N] logits per image a gradient-carrying CPU call runs the reference
+# (measured tie, see the module docstring); forward-only calls always use the extension.
+SMALL_GRAD_SN = 1024
 
 
 def _triton_importable() -> bool:
@@ -75,11 +80,10 @@ def _unsupported_reason(backend: str, q: torch.Tensor, hard: bool) -> Optional[s
     return None
 
 
-def get_backend(q: torch.Tensor, *, hard: bool = True) -> str:
-    """The backend a call with ``q`` [B,S,C] would use (honours ``GROUPVIT_FAST_BACKEND``).
-    The choice depends on the device and ``hard`` only, never on sizes or on whether a
-    backward follows, so a no-grad pass and its re-run with grad (GradCache) draw the same
-    noise from the same backend."""
+def get_backend(q: torch.Tensor, *, hard: bool = True, num_tokens: Optional[int] = None,
+                needs_grad: bool = False) -> str:
+    """The backend a call with ``q`` [B,S,C] and ``num_tokens`` N would use (honours
+    ``GROUPVIT_FAST_BACKEND``); ``needs_grad``: whether autograd will run its backward."""
     avail = available_backends(q.device)
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
@@ -95,6 +99,13 @@ def get_backend(q: torch.Tensor, *, hard: bool = True) -> str:
     for name in avail:
         if name == "triton" and q.device.type != "cuda":
             continue  # the interpreter is a test vehicle, never an automatic choice
+        if (name == "cpu" and needs_grad and num_tokens is not None
+                and q.shape[1] * num_tokens <= SMALL_GRAD_SN
+                and not torch.compiler.is_compiling()):
+            # measured: no faster than the reference here (module docstring). Under
+            # torch.compile the custom op stays: the reference's seeded generator would need
+            # the seed as a Python int, i.e. a graph break.
+            continue
         if _unsupported_reason(name, q, hard) is None:
             return name
     return "reference"
@@ -140,7 +151,9 @@ def gumbel_assign_merge(q, k, v, *, scale, gumbel, tau=1.0, eps=1.0, seed=None, 
     keys the Gumbel noise; ``None`` draws one from the global CPU generator.
     """
     _check(q, k, v, tau)
-    backend = get_backend(q, hard=hard)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    backend = get_backend(q, hard=hard, num_tokens=k.shape[1], needs_grad=needs_grad)
     compiling = torch.compiler.is_compiling()
     if gumbel:
         if seed is None:

@@ -299,10 +299,10 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
             img, txt = kept[0].detach(), kept[1].detach()
         else:
             # Recorded by autograd and dropped at once rather than run under no_grad: kernel
-            # choices may depend on whether a backward will follow (attention kernels may; a
-            # grouping backend switch would change the noise's rounding), and the re-run must
-            # take the same ones to reproduce these outputs bit for bit. The transient graph is
-            # one micro batch, like the re-run's.
+            # choices may depend on whether a backward will follow (the grouping op's CPU
+            # dispatch does, and its backends draw different noise from the same seed; attention
+            # kernels may too), and the re-run must take the same ones to reproduce these
+            # outputs bit for bit. The transient graph is one micro batch, like the re-run's.
             with torch.enable_grad():
                 img, txt = _encode(net, image, text)
             img, txt = img.detach(), txt.detach()
