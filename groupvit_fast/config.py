@@ -34,6 +34,9 @@ class ImageEncoderConfig:
     #: Gumbel noise in training; None = hard_assignment (the official behaviour). A recipe
     #: option (a departure from the paper), not a release setting.
     gumbel: Optional[bool] = None
+    #: scale of the assignment logits q·k; None = dim**-0.5 (official). A recipe option: short
+    #: schedules never grow the logits past the Gumbel noise at the official scale.
+    assign_scale: Optional[Union[float, List[float]]] = None  # one number or one per stage
 
 
 @dataclass

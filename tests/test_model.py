@@ -315,3 +315,22 @@ def test_gumbel_option_trains_with_noise_free_argmax():
     assert torch.equal(a["hard"], b["hard"])  # no noise: deterministic in training too
     assert torch.equal(a["hard"].argmax(2), a["soft"].argmax(2))
     assert tiny_image().layers[0].downsample.assign.gumbel  # official default: noise when hard
+
+
+def test_assign_scale_multiplies_the_assignment_logits():
+    torch.manual_seed(0)
+    base = tiny_image().eval()
+    assert [l.downsample.assign.scale for l in base.layers[:2]] == [64 ** -0.5] * 2  # official
+    torch.manual_seed(0)
+    scaled = tiny_image(assign_scale=[1.0, 4.0]).eval()
+    assert [l.downsample.assign.scale for l in scaled.layers[:2]] == [1.0, 4.0]
+    scaled.load_state_dict(base.state_dict())  # a recipe option: same parameters and keys
+    x = torch.randn(2, 3, 32, 32)
+    sa = base(x, return_attn=True, as_dict=True)["attn_dicts"][0]["soft"]
+    sb = scaled(x, return_attn=True, as_dict=True)["attn_dicts"][0]["soft"]
+    # soft maps are softmax(scale · q·k) over groups: 8x the scale gives log-odds 8x as large
+    la, lb = sa.log(), sb.log()
+    torch.testing.assert_close(lb - lb.mean(2, keepdim=True), 8 * (la - la.mean(2, keepdim=True)),
+                               rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="assign_scale has 3 entries, expected 2"):
+        tiny_image(assign_scale=[1.0, 2.0, 3.0])

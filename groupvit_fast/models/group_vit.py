@@ -77,7 +77,7 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, *, dim, out_dim, num_heads, num_group_token, num_output_group,
                  norm_layer=nn.LayerNorm, mlp_ratio=(0.5, 4.0), hard=True, gumbel=True,
-                 sum_assign=False, assign_eps=1.0, gumbel_tau=1.0):
+                 sum_assign=False, assign_eps=1.0, gumbel_tau=1.0, assign_scale=None):
         super().__init__()
         self.dim = dim
         self.hard = hard
@@ -94,7 +94,8 @@ class GroupingBlock(nn.Module):
                                               post_norm=True)
         self.assign = AssignAttention(dim=dim, num_heads=1, qkv_bias=True, hard=hard,
                                       gumbel=gumbel, gumbel_tau=gumbel_tau,
-                                      sum_assign=sum_assign, assign_eps=assign_eps)
+                                      sum_assign=sum_assign, assign_eps=assign_eps,
+                                      qk_scale=assign_scale)
         self.norm_new_x = norm_layer(dim)
         self.mlp_channels = Mlp(dim, channels_dim, out_dim)
         if out_dim is not None and dim != out_dim:
@@ -225,7 +226,7 @@ class GroupViT(nn.Module):
                  mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.1, patch_norm=True, use_checkpoint=False,
                  pos_embed_type="simple", freeze_patch_embed=False, gumbel_tau=1.0,
-                 gumbel=None):
+                 gumbel=None, assign_scale=None):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"GroupViT: patch_size must be 4, 8 or 16, got {patch_size}")
@@ -281,6 +282,13 @@ class GroupViT(nn.Module):
         # stochastic depth linearly spaced over all blocks
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         embed_dims = [int(embed_dim * f) for f in embed_factors]
+        if assign_scale is None or isinstance(assign_scale, (int, float)):
+            assign_scales = [assign_scale] * (n - 1)
+        else:
+            assign_scales = list(assign_scale)
+            if len(assign_scales) != n - 1:
+                raise ValueError(f"GroupViT: assign_scale has {len(assign_scales)} entries, "
+                                 f"expected {n - 1} (one per GroupingBlock) or a single number")
         self.layers = nn.ModuleList()
         num_input_token = num_patches
         num_output_token = num_input_token
@@ -296,7 +304,9 @@ class GroupViT(nn.Module):
                                            # official: Gumbel noise exactly when hard; small
                                            # recipes may train with the noise-free argmax
                                            gumbel=hard_assignment if gumbel is None else gumbel,
-                                           gumbel_tau=gumbel_tau)
+                                           gumbel_tau=gumbel_tau,
+                                           # None: dim**-0.5, the official scale
+                                           assign_scale=assign_scales[i])
                 num_output_token = num_output_groups[i]
             group_projector = None
             if i > 0 and num_group_tokens[i] > 0:
