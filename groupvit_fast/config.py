@@ -96,4 +96,8 @@ def build_model(cfg: Union[ModelConfig, dict, None] = None):
         cfg = ModelConfig()
     elif isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
-    return MultiLabelContrastive(**cfg.to_official())
+    model = MultiLabelContrastive(**cfg.to_official())
+    # kept so that a twin of the same architecture and options (e.g. the random-init model
+    # beside a trained one) can be built: options such as assign_scale are not in the weights
+    model.model_config = cfg
+    return model

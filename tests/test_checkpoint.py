@@ -373,3 +373,19 @@ def test_build_without_init_when_the_model_code_allows_it(small, monkeypatch):
     assert not torch.equal(m.logit_scale.half(), sd["logit_scale"])
     out = m.encode_image(torch.randn(1, 3, 32, 32))
     assert out.shape == (1, 32) and torch.isfinite(out).all()
+
+
+def test_saved_config_restores_options_the_weights_cannot_tell(tmp_path):
+    # assign_scale and heads are not in any tensor shape: they come back from the stored config,
+    # and the loaded model carries that config (the emergence report builds its random-init
+    # twin from it)
+    cfg = small_cfg(heads=(2, 2, 2))
+    cfg.img.assign_scale = [1.0, 4.0]
+    m = build_model(cfg)
+    path = save_checkpoint(m, tmp_path / "m.pth", config={"model": dataclasses.asdict(cfg)})
+    got = load_checkpoint(path)
+    assert [l.downsample.assign.scale for l in got.img_encoder.layers[:2]] == [1.0, 4.0]
+    assert got.model_config.img.assign_scale == [1.0, 4.0]
+    assert got.model_config.img.num_heads == [2, 2, 2]
+    twin = build_model(got.model_config)
+    assert [l.downsample.assign.scale for l in twin.img_encoder.layers[:2]] == [1.0, 4.0]

@@ -196,7 +196,9 @@ def main(argv=None) -> int:
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     model = load_checkpoint(ckpt)
     torch.manual_seed(args.seed)
-    random_model = build_model(infer_model_config(model.state_dict()))
+    # same config as the trained model (options such as assign_scale are not in the weights)
+    random_model = build_model(getattr(model, "model_config", None)
+                               or infer_model_config(model.state_dict()))
     out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint)
                        else os.path.dirname(os.path.abspath(ckpt)))
     emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit)
