@@ -60,8 +60,9 @@ def test_default_recipe_learns_and_beats_random_init(tmp_path, monkeypatch):
     """The default recipe through the real entry point (DeepSpeed, shards, loader), shortened
     from its 6 epochs to 4 (measured: 16.2 test mIoU at 4 epochs, 16.6 at 6; all background is
     10.8, and the random-init twin, built from the trained model's config, 10.5 because its
-    val-chosen threshold makes it predict background almost everywhere). Shorter schedules were measured not to be enough:
-    after ~375 steps a trained model (9.4 mIoU) did not yet beat the all-background level."""
+    val-chosen threshold makes it predict background almost everywhere). Shorter schedules were
+    measured not to be enough: after ~375 steps a trained model (9.4 mIoU) did not yet beat the
+    all-background level."""
     env = dict(os.environ, GROUPVIT_FAST_CACHE=str(tmp_path / "cache"))
     run = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--set",

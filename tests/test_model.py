@@ -334,3 +334,5 @@ def test_assign_scale_multiplies_the_assignment_logits():
                                rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="assign_scale has 3 entries, expected 2"):
         tiny_image(assign_scale=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="assign_scale must be > 0"):
+        tiny_image(assign_scale=[1.0, 0.0])

@@ -289,6 +289,10 @@ class GroupViT(nn.Module):
             if len(assign_scales) != n - 1:
                 raise ValueError(f"GroupViT: assign_scale has {len(assign_scales)} entries, "
                                  f"expected {n - 1} (one per GroupingBlock) or a single number")
+        bad = [a for a in assign_scales if a is not None and not a > 0]
+        if bad:
+            raise ValueError(f"GroupViT: assign_scale must be > 0 (None = the official "
+                             f"dim**-0.5), got {assign_scale}")
         self.layers = nn.ModuleList()
         num_input_token = num_patches
         num_output_token = num_input_token

@@ -191,14 +191,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..checkpoint import load_checkpoint, infer_model_config
+    from ..checkpoint import load_checkpoint
     from ..config import build_model
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     model = load_checkpoint(ckpt)
     torch.manual_seed(args.seed)
-    # same config as the trained model (options such as assign_scale are not in the weights)
-    random_model = build_model(getattr(model, "model_config", None)
-                               or infer_model_config(model.state_dict()))
+    # load_checkpoint builds through build_model, which keeps the config: the twin gets the
+    # trained model's options too (assign_scale, heads are not in the weights)
+    random_model = build_model(model.model_config)
     out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint)
                        else os.path.dirname(os.path.abspath(ckpt)))
     emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit)
