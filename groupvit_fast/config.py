@@ -58,6 +58,9 @@ class ModelConfig:
     multi_label: int = 3
     share_temperature: bool = False
     multi_label_loss_weight: float = 1.0
+    #: group-level multi-label loss (MultiLabelContrastive.group_loss_weight); 0 = official.
+    #: A recipe option, a departure from the paper (README)
+    group_loss_weight: float = 0.0
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -66,7 +69,8 @@ class ModelConfig:
                     output_dim=self.output_dim, contrast_temperature=self.contrast_temperature,
                     proj_num_layers=self.proj_num_layers, multi_label=self.multi_label,
                     share_temperature=self.share_temperature,
-                    multi_label_loss_weight=self.multi_label_loss_weight)
+                    multi_label_loss_weight=self.multi_label_loss_weight,
+                    group_loss_weight=self.group_loss_weight)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

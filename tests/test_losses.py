@@ -201,3 +201,99 @@ def test_model_losses_use_clamped_scale():
     s = float(torch.exp(torch.tensor(1 / 0.07).log()))
     torch.testing.assert_close(m.multi_label_loss(it, tt).double(), naive_multi_label(it, tt, s),
                                rtol=1e-5, atol=1e-6)
+
+
+def naive_group_loss(g, owned, t, valid, scale):
+    """Per-entry loops in float64: image b scores prompt (c, k) by its best owned group."""
+    g = F.normalize(g.double(), dim=-1)
+    t = F.normalize(t.double(), dim=-1)
+    B, G, _ = g.shape
+    K = t.shape[1]
+
+    def score(b, c, k):
+        return max(float(g[b, j] @ t[c, k]) for j in range(G) if owned[b, j]) * scale
+
+    cols = [(c, k) for c in range(B) for k in range(K) if valid[c, k]]
+    img_rows, txt_rows = [], []
+    for b in range(B):
+        if not valid[b].any():
+            continue
+        row = torch.tensor([score(b, c, k) for c, k in cols], dtype=torch.float64)
+        own = [score(b, b, k) for k in range(K) if valid[b, k]]
+        img_rows.append(float(torch.logsumexp(row, 0)) - sum(own) / len(own))
+    for c, k in cols:
+        row = torch.tensor([score(b, c, k) for b in range(B)], dtype=torch.float64)
+        txt_rows.append(float(torch.logsumexp(row, 0)) - score(c, c, k))
+    return 0.5 * (sum(img_rows) / len(img_rows) + sum(txt_rows) / len(txt_rows))
+
+
+@pytest.mark.parametrize("B,G,K", [(5, 4, 3), (3, 7, 1), (6, 2, 2)])
+def test_group_multi_label_loss_matches_naive(B, G, K):
+    g = torch.Generator().manual_seed(B * 100 + G * 10 + K)
+    feat = torch.randn(B, G, 8, generator=g, requires_grad=True)
+    txt = torch.randn(B, K, 8, generator=g, requires_grad=True)
+    owned = torch.rand(B, G, generator=g) > 0.5
+    owned[:, G - 1] = True  # every image owns a group
+    valid = torch.rand(B, K, generator=g) > 0.3
+    valid[0] = False  # a caption without nouns: no image row, no prompt rows
+    valid[1, 0] = True
+    out = losses.group_multi_label_loss(feat, owned, txt, valid, torch.tensor(4.0))
+    assert out.item() == pytest.approx(naive_group_loss(feat, owned, txt, valid, 4.0), rel=1e-5)
+    out.backward()
+    # groups that own no patch never score, so they get no gradient
+    assert feat.grad[~owned].abs().max() == 0
+    assert feat.grad[owned].abs().max() > 0
+    # a caption copy (invalid prompt) of image 0 is never scored either
+    assert txt.grad[0].abs().max() == 0
+
+
+def test_group_multi_label_loss_no_prompts_and_shape_errors():
+    feat = torch.randn(2, 3, 4, requires_grad=True)
+    out = losses.group_multi_label_loss(feat, torch.ones(2, 3, dtype=torch.bool),
+                                        torch.randn(2, 2, 4), torch.zeros(2, 2, dtype=torch.bool),
+                                        torch.tensor(1.0))
+    assert out.item() == 0.0
+    out.backward()  # still part of the graph
+    with pytest.raises(ValueError, match=r"owned \[B,G\]"):
+        losses.group_multi_label_loss(feat, torch.ones(2, 2, dtype=torch.bool),
+                                      torch.randn(2, 2, 4), torch.ones(2, 2, dtype=torch.bool),
+                                      torch.tensor(1.0))
+
+
+def test_model_group_loss_option():
+    """Off by default (official losses only, same keys); on, it adds 'group_loss', which depends
+    on the group tokens, and owned_groups follows the hard assignment."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    d = dict(img=dict(img_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1],
+                      num_heads=[2, 2, 2], num_group_tokens=[4, 2, 0], num_output_groups=[4, 2],
+                      drop_path_rate=0.0),
+             text=dict(context_length=16, width=64, layers=1), output_dim=16, multi_label=2)
+    torch.manual_seed(0)
+    off = gf.build_model(ModelConfig.from_dict(d)).train()
+    torch.manual_seed(0)
+    on = gf.build_model(ModelConfig.from_dict(dict(d, group_loss_weight=0.5))).train()
+    assert off.state_dict().keys() == on.state_dict().keys()
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    txt[0, 2] = txt[0, 0]  # caption copy: left out of the group loss
+    torch.manual_seed(1)
+    lo = off(img, txt)
+    torch.manual_seed(1)
+    ln = on(img, txt)
+    assert set(lo) == {"loss", "multi_label_loss"}
+    assert set(ln) == {"loss", "multi_label_loss", "group_loss"}
+    for k in lo:  # the official terms are unchanged by the option
+        torch.testing.assert_close(ln[k], lo[k])
+    ln["group_loss"].backward()
+    assert on.img_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    res = on.img_encoder(img, return_attn=True, as_dict=True)
+    owned = on.owned_groups(res["attn_dicts"])
+    h1 = res["attn_dicts"][0]["hard"][:, 0]  # [B,4,16]
+    h2 = res["attn_dicts"][1]["hard"][:, 0]  # [B,2,4]
+    want = (h2 @ h1).sum(-1) > 0
+    assert torch.equal(owned, want) and owned.any(dim=1).all()
+    with pytest.raises(ValueError, match="multi_label"):
+        gf.build_model(ModelConfig.from_dict(dict(d, multi_label=0, group_loss_weight=1.0)))

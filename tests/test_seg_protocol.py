@@ -222,3 +222,22 @@ def test_encoder_passes_fast_once_per_window_official_twice(model):
         h.remove()
     assert sum(fast) == n_windows and len(fast) < n_windows  # one pass each, batched
     assert official == [1] * (2 * n_windows)  # batch 1, two passes per window
+
+
+def test_class_embedding_fits_a_shorter_text_context():
+    """A text encoder trained with context_length < 77 (the embedded recipe) gets its own
+    length: the tokenizer's zero padding is cut, the numbers equal tokenising at that length,
+    and a prompt that would not fit is an error naming it."""
+    import groupvit_fast
+    from groupvit_fast.models import TextTransformer
+    m = tiny_model(1)
+    short = TextTransformer(context_length=12, width=64, layers=1, vocab_size=49408)
+    short.load_state_dict({k: (v[:12] if k == 'positional_embedding' else v)
+                           for k, v in m.text_encoder.state_dict().items()})
+    m.text_encoder = short.eval()
+    emb = build_class_embedding(m, ['cat', 'dog'])
+    want = m.build_text_embedding(groupvit_fast.tokenize(['a photo of a cat.', 'a photo of a dog.'],
+                                                         12)[:, None])
+    torch.testing.assert_close(emb, want)
+    with pytest.raises(ValueError, match="context_length 12"):
+        build_class_embedding(m, ['very long class name with many many words in it'])

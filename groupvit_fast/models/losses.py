@@ -188,4 +188,59 @@ def multi_label_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
         return 0.5 * (lse_img.mean() + lse_txt.mean()) - pos
 
 
-__all__ = ["image_text_loss", "multi_label_loss", "row_logsumexp", "set_loss_chunk_size"]
+def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_feat: torch.Tensor,
+                           valid: torch.Tensor, logit_scale: torch.Tensor):
+    """Group-level multi-label contrastive loss: a recipe option, *not* part of the paper.
+
+    The paper's losses only see the mean of the output groups; measured on the embedded recipe,
+    groups that own no pixel name the scene's class about as well as the object's own group
+    (the grouping block's cross-attention gives every group token the whole image), so the
+    protocol, which names each group from its own token, has little to work with. Here an image
+    scores a prompt by its *best owned group*: score(b, t) = max over groups g that own at least
+    one patch of <ĝ_bg, t̂>, the same per-group reading the segmentation protocol makes.
+
+    group_feat [B,G,D] projected group tokens; owned [B,G] bool (group owns >= 1 patch in the
+    training assignment); text_feat [B,K,D] projected noun prompts; valid [B,K] bool (False for
+    the caption copies that pad captions with fewer than K nouns). Image rows: soft-target CE
+    over all gathered valid prompts, uniform on their own; prompt rows: CE over gathered images
+    with their own image as the target. ½·(image rows + prompt rows). Materialises
+    [B, G, W·B·K] similarities: sized for small recipes, not for the release batch."""
+    if group_feat.ndim != 3 or text_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
+            or valid.shape != text_feat.shape[:2] or group_feat.shape[0] != text_feat.shape[0]:
+        raise ValueError(f"group_multi_label_loss: expected group_feat [B,G,D], owned [B,G], "
+                         f"text_feat [B,K,D], valid [B,K]; got {tuple(group_feat.shape)}, "
+                         f"{tuple(owned.shape)}, {tuple(text_feat.shape)}, {tuple(valid.shape)}")
+    B, G, _ = group_feat.shape
+    K = text_feat.shape[1]
+    with torch.autocast(group_feat.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=group_feat.device).float()
+        g = _fp32(group_feat)  # [B,G,D]
+        t = _fp32(text_feat).reshape(B * K, -1)  # [B,K,D] -> [(B K),D]
+        all_t = gather_with_grad(t)  # [(W B K),D]
+        all_valid = gather_with_grad(valid.reshape(-1).float()) > 0.5  # [(W B K)]
+        all_g = gather_with_grad(g)  # [(W B),G,D]
+        all_own = gather_with_grad(owned.float()) > 0.5  # [(W B),G]
+        neg = torch.finfo(torch.float32).min
+        # image rows: best owned group of image b for every gathered prompt
+        sim = torch.einsum("bgd,nd->bgn", g, all_t)  # [B,G,(W B K)]
+        sim = sim.masked_fill(~owned[:, :, None], neg).amax(dim=1) * s  # [B,(W B K)]
+        sim = sim.masked_fill(~all_valid[None], float("-inf"))
+        own_cols = get_rank() * B * K + torch.arange(B * K, device=g.device).view(B, K)  # [B,K]
+        own_logit = sim.gather(1, own_cols)  # [B,K]
+        n_own = valid.sum(dim=1)  # [B]
+        rows = n_own > 0
+        if not bool(rows.any()):
+            return g.sum() * 0.0  # no noun prompt in the whole batch
+        pos_img = (own_logit.masked_fill(~valid, 0.0).sum(dim=1) / n_own.clamp(min=1))[rows]
+        loss_img = (torch.logsumexp(sim[rows], dim=1) - pos_img).mean()
+        # prompt rows: every gathered image scored by its best owned group for prompt (b, k)
+        sim_t = torch.einsum("nd,cgd->ncg", t, all_g)  # [(B K),(W B),G]
+        sim_t = sim_t.masked_fill(~all_own[None], neg).amax(dim=2) * s  # [(B K),(W B)]
+        target = get_rank() * B + torch.arange(B, device=g.device).repeat_interleave(K)
+        vrows = valid.reshape(-1)
+        loss_txt = F.cross_entropy(sim_t[vrows], target[vrows])
+        return 0.5 * (loss_img + loss_txt)
+
+
+__all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "row_logsumexp",
+           "set_loss_chunk_size"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT
 from .layers import Result
-from .losses import image_text_loss, multi_label_loss
+from .losses import group_multi_label_loss, image_text_loss, multi_label_loss
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
@@ -58,7 +58,7 @@ class ProjectMLP(nn.Module):
 class MultiLabelContrastive(nn.Module):
     def __init__(self, img_encoder, text_encoder, output_dim=256, contrast_temperature=0.07,
                  proj_num_layers=2, multi_label=0, share_temperature=False,
-                 multi_label_loss_weight=1.0):
+                 multi_label_loss_weight=1.0, group_loss_weight=0.0):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -82,6 +82,14 @@ class MultiLabelContrastive(nn.Module):
             self.multi_label_logit_scale = nn.Parameter(
                 torch.ones([]) * math.log(1 / contrast_temperature))
         self.multi_label_loss_weight = multi_label_loss_weight
+        # recipe option, not in the paper (0 = official): group_multi_label_loss on the noun
+        # prompts, with the multi-label temperature; adds no parameters
+        if group_loss_weight and not self.with_multi_label:
+            raise ValueError("group_loss_weight > 0 needs multi_label > 0 (it scores the noun "
+                             "prompts)")
+        if group_loss_weight < 0:
+            raise ValueError(f"group_loss_weight must be >= 0, got {group_loss_weight}")
+        self.group_loss_weight = float(group_loss_weight)
 
     @property
     def with_multi_label(self):
@@ -131,9 +139,37 @@ class MultiLabelContrastive(nn.Module):
         return outs.as_return()
 
     # -- forward ------------------------------------------------------------------------------
+    @staticmethod
+    def owned_groups(attn_dicts) -> torch.Tensor:
+        """[B,G] bool: final groups that own at least one patch under the hard assignments of
+        ``attn_dicts`` (stage maps [B,1,G_l,N_l], chained patches -> stage-1 -> stage-2 groups)."""
+        own = None
+        for d in attn_dicts:
+            if d is None:
+                continue
+            hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
+            own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
+        if own is None:
+            raise ValueError("owned_groups: the image encoder has no grouping stage")
+        return own.sum(dim=-1) > 0.5
+
     def forward_train(self, image, text):
-        image_x = self.encode_image(image, as_dict=True)["image_x"]
         text_outs = self.encode_text(text, as_dict=True)
+        group_loss = None
+        if self.group_loss_weight:
+            img_outs = self.img_encoder(image, return_feat=True, return_attn=True, as_dict=True)
+            image_x = self.img_projector(img_outs["x"])
+            if "text_multi_label_x" not in text_outs:
+                raise ValueError(f"group_loss_weight needs texts [B,1+K,L], got shape "
+                                 f"{tuple(text.shape)}")
+            # prompts that are copies of the caption (captions with fewer than K nouns) name
+            # the whole scene, not one object: left out
+            valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
+            group_loss = group_multi_label_loss(
+                self.img_projector(img_outs["feat"]), self.owned_groups(img_outs["attn_dicts"]),
+                text_outs["text_multi_label_x"], valid, self.get_multi_label_logit_scale())
+        else:
+            image_x = self.encode_image(image, as_dict=True)["image_x"]
         losses = dict(loss=self.loss(image_x, text_outs["text_x"]))
         if self.with_multi_label:
             if "text_multi_label_x" not in text_outs:
@@ -142,6 +178,8 @@ class MultiLabelContrastive(nn.Module):
             losses["multi_label_loss"] = self.multi_label_loss(
                 image_x.unsqueeze(1), text_outs["text_multi_label_x"]) * \
                 self.multi_label_loss_weight
+        if group_loss is not None:
+            losses["group_loss"] = group_loss * self.group_loss_weight
         return losses
 
     def forward_test(self, image, text):

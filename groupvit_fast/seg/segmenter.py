@@ -75,6 +75,17 @@ def build_class_embedding(model, class_names: Sequence[str], templates='simple',
     tokens = tok(texts)
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.as_tensor(tokens)
+    # a tokenizer pads to CLIP's 77; a text encoder trained with a shorter context (the embedded
+    # recipe) takes only its own length, and the padding beyond it is zeros that the EOT-argmax
+    # pooling never reads, so it is cut off (a prompt that does not fit is an error, not a cut)
+    ctx = getattr(getattr(model, 'text_encoder', None), 'context_length', None)
+    if isinstance(ctx, int) and tokens.shape[-1] > ctx:
+        long = (tokens[:, ctx:] != 0).any(dim=-1)
+        if bool(long.any()):
+            bad = texts[int(long.nonzero()[0, 0])]
+            raise ValueError(f'class prompt {bad!r} needs more than the text encoder\'s '
+                             f'context_length {ctx} tokens')
+        tokens = tokens[:, :ctx]
     tokens = tokens.reshape(len(names), len(templates), -1)  # [N*T,L] -> [N,T,L]
     return model.build_text_embedding(tokens).float()
 
