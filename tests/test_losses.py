@@ -260,15 +260,21 @@ def test_group_multi_label_loss_no_prompts_and_shape_errors():
                                       torch.tensor(1.0))
 
 
-def test_model_group_loss_option():
+_GROUP_LOSS_MODEL = dict(
+    img=dict(img_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1], num_heads=[2, 2, 2],
+             num_group_tokens=[4, 2, 0], num_output_groups=[4, 2], drop_path_rate=0.0),
+    text=dict(context_length=16, width=64, layers=1), output_dim=16, multi_label=2)
+
+
+@pytest.mark.parametrize("proj_num_layers", [1, 2])
+def test_model_group_loss_option(proj_num_layers):
     """Off by default (official losses only, same keys); on, it adds 'group_loss', which depends
-    on the group tokens, and owned_groups follows the hard assignment."""
+    on the group tokens, and owned_groups follows the hard assignment. With a BN-free projector
+    the official terms are unchanged by the option; with the BN projector, pooled and group
+    tokens are projected in one call, so BN updates once per step over all B·(1+G) rows."""
     import groupvit_fast as gf
     from groupvit_fast.config import ModelConfig
-    d = dict(img=dict(img_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1],
-                      num_heads=[2, 2, 2], num_group_tokens=[4, 2, 0], num_output_groups=[4, 2],
-                      drop_path_rate=0.0),
-             text=dict(context_length=16, width=64, layers=1), output_dim=16, multi_label=2)
+    d = dict(_GROUP_LOSS_MODEL, proj_num_layers=proj_num_layers)
     torch.manual_seed(0)
     off = gf.build_model(ModelConfig.from_dict(d)).train()
     torch.manual_seed(0)
@@ -285,8 +291,23 @@ def test_model_group_loss_option():
     ln = on(img, txt)
     assert set(lo) == {"loss", "multi_label_loss"}
     assert set(ln) == {"loss", "multi_label_loss", "group_loss"}
-    for k in lo:  # the official terms are unchanged by the option
-        torch.testing.assert_close(ln[k], lo[k])
+    if proj_num_layers == 1:
+        for k in lo:  # the official terms are unchanged by the option
+            torch.testing.assert_close(ln[k], lo[k])
+    else:
+        bn = on.img_projector.linear_hidden[1]
+        assert int(bn.num_batches_tracked) == 1  # one projector call per step, not two
+        seen = []
+        hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+        mean0 = bn.running_mean.clone()
+        on(img, txt)
+        hook.remove()
+        assert len(seen) == 1 and seen[0].shape[0] == 4 and seen[0].shape[2] == 1 + 2  # [B,C',1+G]
+        torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * seen[0].mean(dim=(0, 2)))
+        on.eval()  # in eval the joint call is row-independent: pooled output as without feat
+        torch.testing.assert_close(on.encode_image(img, return_feat=True, as_dict=True)["image_x"],
+                                   on.encode_image(img), rtol=1e-5, atol=1e-6)
+        on.train()
     ln["group_loss"].backward()
     assert on.img_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     res = on.img_encoder(img, return_attn=True, as_dict=True)

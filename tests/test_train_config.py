@@ -208,6 +208,17 @@ def test_grad_cache_with_zero3_is_refused_clearly():
     check_compat(cfg, plan_batch(4096, 8, 256), 3)
 
 
+def test_grad_cache_with_group_loss_is_refused_before_training():
+    # the embedding cache keeps pooled features only; refused once at setup, not per micro batch
+    from groupvit_fast.training.engine import check_compat
+    cfg = build_config("gcc_yfcc", ["model.group_loss_weight=1.0"])
+    check_compat(cfg, plan_batch(4096, 16, 256), 2)  # no accumulation: the cache is not used
+    with pytest.raises(ValueError, match="group_loss_weight=1.0 needs the group tokens"):
+        check_compat(cfg, plan_batch(4096, 8, 256), 2)
+    cfg = build_config("gcc_yfcc", ["model.group_loss_weight=1.0", "train.grad_cache=false"])
+    check_compat(cfg, plan_batch(4096, 8, 256), 2)
+
+
 def test_dist_batchnorm_mixed_dtypes_match_fp32():
     # DeepSpeed bf16 engines can hand BN a bf16 input with fp32 running statistics
     bn, ref = DistBatchNorm1d(4), torch.nn.BatchNorm1d(4)

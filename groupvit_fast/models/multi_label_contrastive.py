@@ -111,12 +111,25 @@ class MultiLabelContrastive(nn.Module):
         return multi_label_loss(image_feat, text_feat, self.get_multi_label_logit_scale())
 
     # -- encoders -----------------------------------------------------------------------------
-    def encode_image(self, image, *, return_feat=False, as_dict=False):
+    def encode_image(self, image, *, return_feat=False, return_attn=False, as_dict=False):
+        """image [B,3,H,W] -> image_x [B,D] (pooled groups, projected); with ``return_feat`` also
+        image_feat [B,G,D] (each final group, projected); with ``return_attn`` also the encoder's
+        attn_dicts (the stage assignments)."""
         outs = Result(as_dict)
-        img_outs = self.img_encoder(image, return_feat=return_feat, as_dict=True)
-        outs.append(self.img_projector(img_outs["x"]), "image_x")
+        img_outs = self.img_encoder(image, return_feat=return_feat, return_attn=return_attn,
+                                    as_dict=True)
         if return_feat:
-            outs.append(self.img_projector(img_outs["feat"]), "image_feat")
+            # pooled and group tokens go through the projector in one call: in training its BN
+            # then updates its statistics once, over all B·(1+G) rows, as the text side pools
+            # captions and prompts; in eval the rows are independent and nothing changes
+            both = self.img_projector(
+                torch.cat([img_outs["x"].unsqueeze(1), img_outs["feat"]], dim=1))  # [B,1+G,D]
+            outs.append(both[:, 0], "image_x")
+            outs.append(both[:, 1:], "image_feat")
+        else:
+            outs.append(self.img_projector(img_outs["x"]), "image_x")
+        if return_attn:
+            outs.append(img_outs["attn_dicts"], "attn_dicts")
         return outs.as_return()
 
     def encode_text(self, text, *, as_dict=False):
@@ -155,10 +168,11 @@ class MultiLabelContrastive(nn.Module):
 
     def forward_train(self, image, text):
         text_outs = self.encode_text(text, as_dict=True)
+        img_outs = self.encode_image(image, return_feat=bool(self.group_loss_weight),
+                                     return_attn=bool(self.group_loss_weight), as_dict=True)
+        image_x = img_outs["image_x"]
         group_loss = None
         if self.group_loss_weight:
-            img_outs = self.img_encoder(image, return_feat=True, return_attn=True, as_dict=True)
-            image_x = self.img_projector(img_outs["x"])
             if "text_multi_label_x" not in text_outs:
                 raise ValueError(f"group_loss_weight needs texts [B,1+K,L], got shape "
                                  f"{tuple(text.shape)}")
@@ -166,10 +180,8 @@ class MultiLabelContrastive(nn.Module):
             # the whole scene, not one object: left out
             valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
             group_loss = group_multi_label_loss(
-                self.img_projector(img_outs["feat"]), self.owned_groups(img_outs["attn_dicts"]),
+                img_outs["image_feat"], self.owned_groups(img_outs["attn_dicts"]),
                 text_outs["text_multi_label_x"], valid, self.get_multi_label_logit_scale())
-        else:
-            image_x = self.encode_image(image, as_dict=True)["image_x"]
         losses = dict(loss=self.loss(image_x, text_outs["text_x"]))
         if self.with_multi_label:
             if "text_multi_label_x" not in text_outs:

@@ -93,10 +93,6 @@ def features_loss(net: nn.Module, image_feat: torch.Tensor, text_feat: torch.Ten
     image_feat [N, C_img] (pooled GroupViT output), text_feat [N·num_text, C_txt] in the row
     order of ``text.reshape(-1, L)`` for tokens [N, num_text, L]. Captions and prompts share
     one projector call so its BN pools over all N·(1+K) texts (ref §4.1)."""
-    if getattr(net, "group_loss_weight", 0):
-        raise ValueError("model.group_loss_weight > 0 needs the group tokens, which the "
-                         "embedding cache does not keep: set train.grad_cache=false or "
-                         "model.group_loss_weight=0")
     image_x = net.img_projector(image_feat)  # [N,D]
     text_x = net.text_projector(text_feat)  # [(N T),D]
     if num_text > 1:
