@@ -86,3 +86,18 @@ def test_default_recipe_learns_and_beats_random_init(tmp_path, monkeypatch):
 def _random_like(model):
     torch.manual_seed(123)
     return gf.build_model(model.model_config)  # the trained model's own config
+
+
+def test_held_out_scenes_follow_the_training_generator():
+    """A run trained with data.options.synthetic is evaluated on scenes of the same generator;
+    official checkpoints and default-data runs get the default scenes."""
+    from groupvit_fast.seg.emergence import trained_synthetic_options
+    opts = {"named_backgrounds": True, "bg_caption_prob": 0.9}
+    obj = {"model": {}, "config": {"data": {"dataset": "synthetic",
+                                            "options": {"synthetic": opts}}}}
+    assert trained_synthetic_options(obj) == opts
+    assert trained_synthetic_options({"model": {}}) is None
+    assert trained_synthetic_options({"config": {"data": {"dataset": "synthetic",
+                                                          "options": {}}}}) is None
+    assert trained_synthetic_options({"config": {"data": {"dataset": "gcc_yfcc",
+                                                          "options": {"synthetic": opts}}}}) is None

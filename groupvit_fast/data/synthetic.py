@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-RENDER_VERSION = 2  # bump when the renderer changes: it invalidates cached shards
+RENDER_VERSION = 3  # bump when the renderer changes: it invalidates cached shards
 
 # Class name -> (plural, fill texture, radius scale).  The radius scale evens out the areas of
 # the outlines (a triangle inscribed in the unit circle covers 1.3, a disc 3.1), so that no class
@@ -59,6 +59,13 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 _BG_ADJ = ("cloudy", "grainy", "smooth", "dusty", "pale", "soft")
+#: nameable background kinds (``SyntheticConfig.named_backgrounds``): noun -> caption phrases
+BACKGROUND_KINDS = {
+    "clouds": ("under clouds", "in the clouds", "against clouds"),
+    "sand": ("on sand", "in the sand", "on the sand"),
+    "water": ("on water", "in the water", "over water"),
+    "fog": ("in fog", "in the fog", "through fog"),
+}
 
 
 @dataclass
@@ -82,6 +89,9 @@ class SyntheticConfig:
     class_textures: bool = True
     #: probability that the caption mentions the background ("... on a cloudy background")
     bg_caption_prob: float = 0.1
+    #: backgrounds of nameable kinds (clouds, sand, water, fog; ``BACKGROUND_KINDS``) that the
+    #: caption names with probability ``bg_caption_prob``, instead of one anonymous noise kind
+    named_backgrounds: bool = False
     jpeg_quality: int = 95
     shard_size: int = 2000
 
@@ -154,6 +164,43 @@ def _background(rng, size):
     t = _value_noise(rng, size, size, int(rng.integers(2, 6)))
     img = c[0][None, None] * (1 - t[..., None]) + c[1][None, None] * t[..., None]
     img = img + rng.normal(0, rng.uniform(0.01, 0.04), (size, size, 1)).astype(np.float32)
+    return img
+
+
+def _background_named(rng, size, kind):
+    """A background of a nameable kind (``BACKGROUND_KINDS``), low saturation like
+    :func:`_background` so objects still stand out, but each kind with its own spatial statistics:
+    the caption names it, so the groups that own background have something of their own to mean,
+    as sky or grass do in real captions."""
+    hues = rng.random(2)
+    sats = rng.uniform(0.0, 0.3, 2)
+    # one dark and one light tone, so waves and gradients are visible whatever the colours
+    vals = rng.permutation([rng.uniform(0.3, 0.5), rng.uniform(0.65, 0.9)])
+    c = _hsv_to_rgb(hues, sats, vals)  # [2, 3]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind == "clouds":  # smooth blobs
+        t = _value_noise(rng, size, size, int(rng.integers(2, 5)))
+        grain = rng.uniform(0.005, 0.02)
+    elif kind == "sand":  # nearly flat tone, strong per-pixel speckle
+        t = 0.5 + 0.2 * (_value_noise(rng, size, size, 2) - 0.5)
+        grain = rng.uniform(0.07, 0.1)
+    elif kind == "water":  # long smooth waves, wavelength 1/3-1/2 of the frame, warped
+        th = rng.uniform(0, np.pi)
+        wl = rng.uniform(1 / 3, 1 / 2)
+        warp = 0.08 * _value_noise(rng, size, size, 3)
+        ph = (np.cos(th) * xx + np.sin(th) * yy + warp) / wl
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * ph + rng.uniform(0, 2 * np.pi))
+        grain = rng.uniform(0.005, 0.015)
+    elif kind == "fog":  # one linear gradient across the frame
+        th = rng.uniform(0, 2 * np.pi)
+        t = np.cos(th) * (xx - 0.5) + np.sin(th) * (yy - 0.5)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        grain = rng.uniform(0.005, 0.015)
+    else:
+        raise KeyError(kind)
+    t = np.clip(t, 0.0, 1.0).astype(np.float32)
+    img = c[0][None, None] * (1 - t[..., None]) + c[1][None, None] * t[..., None]
+    img = img + rng.normal(0, grain, (size, size, 1)).astype(np.float32)
     return img
 
 
@@ -254,7 +301,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig) -> str:
+def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig,
+                 background: Optional[str] = None) -> str:
     """Natural caption naming each visible class once, with counts/plurals; never a colour."""
     phrases = []
     for name, k in counts:
@@ -271,7 +319,11 @@ def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig) -
         text = f"{phrases[0]} {conj} {phrases[1]}"
     else:
         text = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    if rng.random() < cfg.bg_caption_prob:
+    if background is not None:
+        if rng.random() < cfg.bg_caption_prob:
+            phrases = BACKGROUND_KINDS[background]
+            text += " " + phrases[int(rng.integers(len(phrases)))]
+    elif rng.random() < cfg.bg_caption_prob:
         text += f" on a {_BG_ADJ[int(rng.integers(len(_BG_ADJ)))]} background"
     if rng.random() < 0.3:
         text = text[0].upper() + text[1:]
@@ -295,7 +347,12 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig
                 names.append(names[int(rng.integers(len(names)))])
             else:
                 names.append(cfg.classes[int(rng.integers(n_cls))])
-        img = _background(rng, size).astype(np.float64)
+        if cfg.named_backgrounds:
+            bg_kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
+            img = _background_named(rng, size, bg_kind).astype(np.float64)
+        else:
+            bg_kind = None
+            img = _background(rng, size).astype(np.float64)
         inst = np.zeros((size, size), np.int16)  # 0 = background, k+1 = object k (topmost wins)
         areas = []
         for k, name in enumerate(names):
@@ -319,7 +376,7 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig
     counts: Dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
-    caption = make_caption(rng, list(counts.items()), cfg)
+    caption = make_caption(rng, list(counts.items()), cfg, background=bg_kind)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return image, mask, caption
 

@@ -177,6 +177,20 @@ def latest_export(run_dir: str) -> str:
     return files[-1]
 
 
+def trained_synthetic_options(obj) -> Optional[dict]:
+    """The ``SyntheticConfig`` fields a run trained with (``data.options.synthetic`` of the
+    training config our exports carry), so the held-out scenes come from the same generator;
+    None for official checkpoints and runs on the default scenes."""
+    cfg = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    data = cfg.get("data") or {}
+    if not isinstance(data, dict) or data.get("dataset") != "synthetic":
+        return None
+    syn = (data.get("options") or {}).get("synthetic")
+    return dict(syn) if isinstance(syn, dict) and syn else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,17 +205,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, read_checkpoint
     from ..config import build_model
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
-    model = load_checkpoint(ckpt)
+    obj = read_checkpoint(ckpt)
+    syn = trained_synthetic_options(obj)
+    model = load_checkpoint(obj)
     torch.manual_seed(args.seed)
     # load_checkpoint builds through build_model, which keeps the config: the twin gets the
     # trained model's options too (assign_scale, heads are not in the weights)
     random_model = build_model(model.model_config)
     out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint)
                        else os.path.dirname(os.path.abspath(ckpt)))
-    emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit)
+    if syn:
+        print(f"emergence: held-out scenes from the run's generator options {syn}", flush=True)
+    emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit,
+                     dataset_kw={"cfg": syn} if syn else None)
     return 0
 
 

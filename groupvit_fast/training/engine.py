@@ -171,7 +171,11 @@ def run_seg_eval(model, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Opti
         return None
     from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
     from groupvit_fast.seg.evaluate import evaluate_dataset
-    ds = build_dataset(name)
+    kw = {}
+    syn = cfg.data.options.get("synthetic") if cfg.data.dataset == "synthetic" else None
+    if name == "synthetic" and syn:
+        kw["cfg"] = dict(syn)  # held-out scenes from the generator the run trains on
+    ds = build_dataset(name, **kw)
     opts = dict(cfg.monitor.eval_options)
     if getattr(ds, "bg_thresh", None) is not None:
         opts.setdefault("bg_thresh", ds.bg_thresh)
