@@ -93,11 +93,13 @@ def test_held_out_scenes_follow_the_training_generator():
     official checkpoints and default-data runs get the default scenes."""
     from groupvit_fast.seg.emergence import trained_synthetic_options
     opts = {"named_backgrounds": True, "bg_caption_prob": 0.9}
-    obj = {"model": {}, "config": {"data": {"dataset": "synthetic",
-                                            "options": {"synthetic": opts}}}}
-    assert trained_synthetic_options(obj) == opts
-    assert trained_synthetic_options({"model": {}}) is None
-    assert trained_synthetic_options({"config": {"data": {"dataset": "synthetic",
-                                                          "options": {}}}}) is None
-    assert trained_synthetic_options({"config": {"data": {"dataset": "gcc_yfcc",
-                                                          "options": {"synthetic": opts}}}}) is None
+    cfg = {"data": {"dataset": "synthetic", "options": {"synthetic": opts}}}
+    assert trained_synthetic_options(cfg) == opts
+    assert trained_synthetic_options(None) is None  # an export without a training config
+    assert trained_synthetic_options({"data": {"dataset": "synthetic", "options": {}}}) is None
+    assert trained_synthetic_options({"data": {"dataset": "gcc_yfcc",
+                                               "options": {"synthetic": opts}}}) is None
+    # the training side reads the same field from a real TrainConfig
+    from groupvit_fast.training.config import build_config
+    tc = build_config("default", ["data.options.synthetic.named_backgrounds=true"])
+    assert trained_synthetic_options(tc.to_dict()) == {"named_backgrounds": True}

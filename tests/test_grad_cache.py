@@ -347,3 +347,17 @@ def test_accumulation_mode_selection():
     msg = accum_mode_message("gradcache", 4096, 256, 2, 8)
     assert "4096 negatives" in msg and "GradCache" in msg
     assert "only 2048 negatives" in accum_mode_message("naive", 4096, 256, 2, 8)
+
+
+def test_group_loss_is_refused_by_the_embedding_cache():
+    # the cache keeps pooled features only: the group loss would be dropped silently
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    d = dict(img=dict(img_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1],
+                      num_heads=[2, 2, 2], num_group_tokens=[4, 2, 0], num_output_groups=[4, 2]),
+             text=dict(context_length=16, width=64, layers=1), output_dim=16, multi_label=2,
+             group_loss_weight=1.0)
+    net = gf.build_model(ModelConfig.from_dict(d)).train()
+    mb = (torch.randn(2, 3, 32, 32), torch.randint(1, 400, (2, 3, 16)))
+    with pytest.raises(ValueError, match="group_loss_weight > 0 needs the group tokens"):
+        grad_cache_step(net, [mb, mb])

@@ -162,9 +162,13 @@ def _background(rng, size):
     vals = rng.uniform(0.35, 0.9, 2)
     c = _hsv_to_rgb(hues, sats, vals)  # [2, 3]
     t = _value_noise(rng, size, size, int(rng.integers(2, 6)))
+    return _mix_tones(rng, c, t, rng.uniform(0.01, 0.04))
+
+
+def _mix_tones(rng, c, t, grain):
+    """Two tones c [2,3] mixed by t [H,W] in [0,1], plus grey grain of std ``grain``."""
     img = c[0][None, None] * (1 - t[..., None]) + c[1][None, None] * t[..., None]
-    img = img + rng.normal(0, rng.uniform(0.01, 0.04), (size, size, 1)).astype(np.float32)
-    return img
+    return img + rng.normal(0, grain, t.shape + (1,)).astype(np.float32)
 
 
 def _background_named(rng, size, kind):
@@ -177,7 +181,8 @@ def _background_named(rng, size, kind):
     # one dark and one light tone, so waves and gradients are visible whatever the colours
     vals = rng.permutation([rng.uniform(0.3, 0.5), rng.uniform(0.65, 0.9)])
     c = _hsv_to_rgb(hues, sats, vals)  # [2, 3]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind in ("water", "fog"):
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if kind == "clouds":  # smooth blobs
         t = _value_noise(rng, size, size, int(rng.integers(2, 5)))
         grain = rng.uniform(0.005, 0.02)
@@ -198,10 +203,7 @@ def _background_named(rng, size, kind):
         grain = rng.uniform(0.005, 0.015)
     else:
         raise KeyError(kind)
-    t = np.clip(t, 0.0, 1.0).astype(np.float32)
-    img = c[0][None, None] * (1 - t[..., None]) + c[1][None, None] * t[..., None]
-    img = img + rng.normal(0, grain, (size, size, 1)).astype(np.float32)
-    return img
+    return _mix_tones(rng, c, np.clip(t, 0.0, 1.0).astype(np.float32), grain)
 
 
 def _shape_mask(name, u, v):

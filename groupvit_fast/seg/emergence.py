@@ -177,11 +177,10 @@ def latest_export(run_dir: str) -> str:
     return files[-1]
 
 
-def trained_synthetic_options(obj) -> Optional[dict]:
-    """The ``SyntheticConfig`` fields a run trained with (``data.options.synthetic`` of the
-    training config our exports carry), so the held-out scenes come from the same generator;
-    None for official checkpoints and runs on the default scenes."""
-    cfg = obj.get("config") if isinstance(obj, dict) else None
+def trained_synthetic_options(cfg) -> Optional[dict]:
+    """The ``SyntheticConfig`` fields of a training config dict (``TrainConfig.to_dict()``, which
+    our exports carry under ``config``): ``data.options.synthetic``, so the held-out scenes come
+    from the generator the run trained on. None for official configs and the default scenes."""
     if not isinstance(cfg, dict):
         return None
     data = cfg.get("data") or {}
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
     from ..config import build_model
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     obj = read_checkpoint(ckpt)
-    syn = trained_synthetic_options(obj)
+    syn = trained_synthetic_options(obj.get("config") if isinstance(obj, dict) else None)
     model = load_checkpoint(obj)
     torch.manual_seed(args.seed)
     # load_checkpoint builds through build_model, which keeps the config: the twin gets the

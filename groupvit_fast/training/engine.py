@@ -170,12 +170,11 @@ def run_seg_eval(model, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Opti
     if not name:
         return None
     from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
+    from groupvit_fast.seg.emergence import trained_synthetic_options
     from groupvit_fast.seg.evaluate import evaluate_dataset
-    kw = {}
-    syn = cfg.data.options.get("synthetic") if cfg.data.dataset == "synthetic" else None
-    if name == "synthetic" and syn:
-        kw["cfg"] = dict(syn)  # held-out scenes from the generator the run trains on
-    ds = build_dataset(name, **kw)
+    # held-out scenes from the generator the run trains on, read as emergence reads the export
+    syn = trained_synthetic_options(cfg.to_dict()) if name == "synthetic" else None
+    ds = build_dataset(name, **({"cfg": syn} if syn else {}))
     opts = dict(cfg.monitor.eval_options)
     if getattr(ds, "bg_thresh", None) is not None:
         opts.setdefault("bg_thresh", ds.bg_thresh)
