@@ -318,3 +318,85 @@ def test_model_group_loss_option(proj_num_layers):
     assert torch.equal(owned, want) and owned.any(dim=1).all()
     with pytest.raises(ValueError, match="multi_label"):
         gf.build_model(ModelConfig.from_dict(dict(d, multi_label=0, group_loss_weight=1.0)))
+
+
+def naive_group_background_loss(g, owned, t, valid, scale):
+    """float64 loops: each own valid prompt marks its best owned group; every other owned group
+    of an image with a valid prompt pays CE(uniform over all valid prompts)."""
+    g = F.normalize(g.double(), dim=-1)
+    t = F.normalize(t.double(), dim=-1)
+    B, G, _ = g.shape
+    K = t.shape[1]
+    cols = [t[c, k] for c in range(B) for k in range(K) if valid[c, k]]
+    terms = []
+    for b in range(B):
+        if not valid[b].any():
+            continue
+        best = set()
+        for k in range(K):
+            if valid[b, k]:
+                js = [j for j in range(G) if owned[b, j]]
+                best.add(max(js, key=lambda j: float(g[b, j] @ t[b, k])))
+        for j in range(G):
+            if owned[b, j] and j not in best:
+                row = torch.stack([g[b, j] @ c for c in cols]) * scale
+                terms.append(float(torch.logsumexp(row, 0) - row.mean()))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("B,G,K", [(5, 4, 3), (3, 7, 1), (6, 3, 2)])
+def test_group_background_loss_matches_naive(B, G, K):
+    g = torch.Generator().manual_seed(B * 100 + G * 10 + K + 1)
+    feat = torch.randn(B, G, 8, generator=g, requires_grad=True)
+    txt = torch.randn(B, K, 8, generator=g, requires_grad=True)
+    owned = torch.rand(B, G, generator=g) > 0.3
+    owned[:, :2] = True  # at least two owned groups: one can be background
+    valid = torch.rand(B, K, generator=g) > 0.3
+    valid[0] = False  # no noun: image 0's groups are left alone
+    valid[1, 0] = True
+    out = losses.group_background_loss(feat, owned, txt, valid, torch.tensor(4.0))
+    assert out.item() == pytest.approx(naive_group_background_loss(feat, owned, txt, valid, 4.0),
+                                       rel=1e-5)
+    out.backward()
+    assert feat.grad[0].abs().max() == 0 and feat.grad[~owned].abs().max() == 0
+    # a group that is the best match of its image's only prompt is not pulled (K = 1 case)
+    if K == 1:
+        gn = F.normalize(feat.detach(), dim=-1)
+        tn = F.normalize(txt.detach(), dim=-1)
+        for b in range(1, B):
+            if valid[b, 0]:
+                best = (gn[b] @ tn[b, 0]).masked_fill(~owned[b], -2).argmax()
+                assert feat.grad[b, best].abs().max() == 0
+
+
+def test_group_background_loss_is_smallest_for_a_group_that_names_nothing():
+    # prompts e0, e1 (two images, one noun each); image 0 owns its object's group (= e0) and a
+    # second group: the term is lower when that group sits between the prompts than on e0
+    t = torch.eye(4)[:2].reshape(2, 1, 4)
+    owned = torch.ones(2, 2, dtype=torch.bool)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    neutral = torch.stack([torch.stack([t[0, 0], (t[0, 0] + t[1, 0]) / 2]),
+                           torch.stack([t[1, 0], t[1, 0] + 0.1 * t[0, 0]])])  # [B=2,G=2,4]
+    named = neutral.clone()
+    named[0, 1] = t[0, 0] + 0.05 * torch.tensor([0.0, 0.0, 1.0, 0.0])
+    lo = losses.group_background_loss(neutral, owned, t, valid, torch.tensor(10.0))
+    hi = losses.group_background_loss(named, owned, t, valid, torch.tensor(10.0))
+    assert lo.item() < hi.item()
+
+
+def test_model_group_background_option():
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    torch.manual_seed(0)
+    m = gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL,
+                                                  group_background_weight=0.5))).train()
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    out = m(img, txt)
+    assert set(out) == {"loss", "multi_label_loss", "group_background_loss"}
+    out["group_background_loss"].backward()
+    assert m.img_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="group_background_weight must be >= 0"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, group_background_weight=-1)))
