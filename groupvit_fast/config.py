@@ -61,9 +61,6 @@ class ModelConfig:
     #: group-level multi-label loss (MultiLabelContrastive.group_loss_weight); 0 = official.
     #: A recipe option, a departure from the paper (README)
     group_loss_weight: float = 0.0
-    #: background-group term (MultiLabelContrastive.group_background_weight); 0 = official.
-    #: A recipe option, a departure from the paper (README)
-    group_background_weight: float = 0.0
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -73,8 +70,7 @@ class ModelConfig:
                     proj_num_layers=self.proj_num_layers, multi_label=self.multi_label,
                     share_temperature=self.share_temperature,
                     multi_label_loss_weight=self.multi_label_loss_weight,
-                    group_loss_weight=self.group_loss_weight,
-                    group_background_weight=self.group_background_weight)
+                    group_loss_weight=self.group_loss_weight)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -242,45 +242,5 @@ def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_f
         return 0.5 * (loss_img + loss_txt)
 
 
-def group_background_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_feat: torch.Tensor,
-                          valid: torch.Tensor, logit_scale: torch.Tensor):
-    """Background-group term: a recipe option beside ``group_multi_label_loss``, *not* part of
-    the paper.
-
-    The protocol calls a group background only when its class distribution is flat (max
-    probability under the threshold), but nothing in a text-only objective says which of an
-    image's groups must *not* carry its nouns: measured on the embedded recipe, the groups that
-    own background pixels name the scene's object about as confidently as the object's own
-    group. Here each of the image's own valid noun prompts marks its best owned group (no
-    gradient through the choice); every other owned group is pulled towards a uniform
-    distribution over all gathered valid prompts (cross-entropy to uniform = KL(u || softmax) +
-    const), i.e. towards naming none of them. Images without a valid prompt are skipped.
-
-    Inputs as ``group_multi_label_loss``; returns the mean over the background groups (0 with a
-    gradient path when there is none)."""
-    if group_feat.ndim != 3 or text_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
-            or valid.shape != text_feat.shape[:2] or group_feat.shape[0] != text_feat.shape[0]:
-        raise ValueError(f"group_background_loss: expected group_feat [B,G,D], owned [B,G], "
-                         f"text_feat [B,K,D], valid [B,K]; got {tuple(group_feat.shape)}, "
-                         f"{tuple(owned.shape)}, {tuple(text_feat.shape)}, {tuple(valid.shape)}")
-    B, G, _ = group_feat.shape
-    K = text_feat.shape[1]
-    with torch.autocast(group_feat.device.type, enabled=False):
-        s = torch.as_tensor(logit_scale, device=group_feat.device).float()
-        g = _fp32(group_feat)  # [B,G,D]
-        t = _fp32(text_feat)  # [B,K,D]
-        all_t = gather_with_grad(t.reshape(B * K, -1))  # [(W B K),D]
-        all_valid = gather_with_grad(valid.reshape(-1).float()) > 0.5  # [(W B K)]
-        with torch.no_grad():
-            own_sim = torch.einsum("bgd,bkd->bkg", g, t).masked_fill(~owned[:, None, :], -2.0)
-            best = own_sim.argmax(dim=-1)  # [B,K] best owned group of each own prompt
-            is_best = (F.one_hot(best, G).bool() & valid[..., None]).any(dim=1)  # [B,G]
-            bg = owned & ~is_best & valid.any(dim=1, keepdim=True)  # [B,G]
-        if not bool(bg.any()) or not bool(all_valid.any()):
-            return g.sum() * 0.0
-        sim = torch.einsum("bgd,nd->bgn", g, all_t)[bg][:, all_valid] * s  # [rows,(valid prompts)]
-        return (torch.logsumexp(sim, dim=1) - sim.mean(dim=1)).mean()
-
-
-__all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "group_background_loss",
-           "row_logsumexp", "set_loss_chunk_size"]
+__all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "row_logsumexp",
+           "set_loss_chunk_size"]

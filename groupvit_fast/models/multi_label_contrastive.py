@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT
 from .layers import Result
-from .losses import (group_background_loss, group_multi_label_loss, image_text_loss,
-                     multi_label_loss)
+from .losses import group_multi_label_loss, image_text_loss, multi_label_loss
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
@@ -59,8 +58,7 @@ class ProjectMLP(nn.Module):
 class MultiLabelContrastive(nn.Module):
     def __init__(self, img_encoder, text_encoder, output_dim=256, contrast_temperature=0.07,
                  proj_num_layers=2, multi_label=0, share_temperature=False,
-                 multi_label_loss_weight=1.0, group_loss_weight=0.0,
-                 group_background_weight=0.0):
+                 multi_label_loss_weight=1.0, group_loss_weight=0.0):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -92,14 +90,6 @@ class MultiLabelContrastive(nn.Module):
         if group_loss_weight < 0:
             raise ValueError(f"group_loss_weight must be >= 0, got {group_loss_weight}")
         self.group_loss_weight = float(group_loss_weight)
-        # recipe option, not in the paper (0 = official): group_background_loss, which pulls
-        # the owned groups that are no own noun's best match towards naming no prompt
-        if group_background_weight and not self.with_multi_label:
-            raise ValueError("group_background_weight > 0 needs multi_label > 0 (it scores the "
-                             "noun prompts)")
-        if group_background_weight < 0:
-            raise ValueError(f"group_background_weight must be >= 0, got {group_background_weight}")
-        self.group_background_weight = float(group_background_weight)
 
     @property
     def with_multi_label(self):
@@ -178,25 +168,20 @@ class MultiLabelContrastive(nn.Module):
 
     def forward_train(self, image, text):
         text_outs = self.encode_text(text, as_dict=True)
-        per_group = bool(self.group_loss_weight or self.group_background_weight)
-        img_outs = self.encode_image(image, return_feat=per_group, return_attn=per_group,
-                                     as_dict=True)
+        img_outs = self.encode_image(image, return_feat=bool(self.group_loss_weight),
+                                     return_attn=bool(self.group_loss_weight), as_dict=True)
         image_x = img_outs["image_x"]
-        group_losses = {}
-        if per_group:
+        group_loss = None
+        if self.group_loss_weight:
             if "text_multi_label_x" not in text_outs:
-                raise ValueError(f"group_loss_weight / group_background_weight need texts "
-                                 f"[B,1+K,L], got shape {tuple(text.shape)}")
+                raise ValueError(f"group_loss_weight needs texts [B,1+K,L], got shape "
+                                 f"{tuple(text.shape)}")
             # prompts that are copies of the caption (captions with fewer than K nouns) name
             # the whole scene, not one object: left out
             valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
-            args = (img_outs["image_feat"], self.owned_groups(img_outs["attn_dicts"]),
-                    text_outs["text_multi_label_x"], valid, self.get_multi_label_logit_scale())
-            if self.group_loss_weight:
-                group_losses["group_loss"] = group_multi_label_loss(*args) * self.group_loss_weight
-            if self.group_background_weight:
-                group_losses["group_background_loss"] = \
-                    group_background_loss(*args) * self.group_background_weight
+            group_loss = group_multi_label_loss(
+                img_outs["image_feat"], self.owned_groups(img_outs["attn_dicts"]),
+                text_outs["text_multi_label_x"], valid, self.get_multi_label_logit_scale())
         losses = dict(loss=self.loss(image_x, text_outs["text_x"]))
         if self.with_multi_label:
             if "text_multi_label_x" not in text_outs:
@@ -205,7 +190,8 @@ class MultiLabelContrastive(nn.Module):
             losses["multi_label_loss"] = self.multi_label_loss(
                 image_x.unsqueeze(1), text_outs["text_multi_label_x"]) * \
                 self.multi_label_loss_weight
-        losses.update(group_losses)
+        if group_loss is not None:
+            losses["group_loss"] = group_loss * self.group_loss_weight
         return losses
 
     def forward_test(self, image, text):

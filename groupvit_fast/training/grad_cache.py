@@ -278,12 +278,12 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     mbs, num_text = _check_micro_batches(micro_batches)
     a = len(mbs)
     if loss_fn is None:
-        if getattr(net, "group_loss_weight", 0) or getattr(net, "group_background_weight", 0):
+        if getattr(net, "group_loss_weight", 0):
             # checked once per step, not per micro batch; train/main.py refuses the combination
             # earlier still (engine.check_compat)
-            raise ValueError("grad_cache_step: model.group_loss_weight / group_background_weight "
-                             "> 0 need the group tokens, which the embedding cache does not "
-                             "keep: set train.grad_cache=false or those weights to 0")
+            raise ValueError("grad_cache_step: model.group_loss_weight > 0 needs the group "
+                             "tokens, which the embedding cache does not keep: set "
+                             "train.grad_cache=false or model.group_loss_weight=0")
         loss_fn = features_loss
     if loss_scale is None:
         loss_scale = _engine_loss_scale(engine) if engine is not None else 1.0
