@@ -61,6 +61,15 @@ class ModelConfig:
     #: group-level multi-label loss (MultiLabelContrastive.group_loss_weight); 0 = official.
     #: A recipe option, a departure from the paper (README)
     group_loss_weight: float = 0.0
+    #: group claim loss (losses.group_claim_loss): every caption noun and one shared background
+    #: prompt must each be claimed by an owned group; 0 = official. A recipe option (README)
+    claim_loss_weight: float = 0.0
+    claim_background_prompt: str = "a photo of a background."
+    #: flatness loss (losses.flat_class_loss) on the rows that stand for the background:
+    #: "mean" (the batch's mean owned group) or "background" (groups claiming the background
+    #: prompt); 0 = official. A recipe option (README)
+    flat_loss_weight: float = 0.0
+    flat_rows: str = "mean"
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -70,7 +79,16 @@ class ModelConfig:
                     proj_num_layers=self.proj_num_layers, multi_label=self.multi_label,
                     share_temperature=self.share_temperature,
                     multi_label_loss_weight=self.multi_label_loss_weight,
-                    group_loss_weight=self.group_loss_weight)
+                    group_loss_weight=self.group_loss_weight,
+                    claim_loss_weight=self.claim_loss_weight,
+                    claim_background_tokens=self._claim_tokens(),
+                    flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows)
+
+    def _claim_tokens(self):
+        if not self.claim_loss_weight:
+            return None
+        from .data.tokenizer import tokenize
+        return tokenize(self.claim_background_prompt, context_length=self.text.context_length)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -83,3 +83,23 @@ def test_synthetic_captions_yield_class_nouns():
         # every chosen word is a class word, and every visible class is among them
         assert all(w.lower() in forms for w in words), (cap, words)
         assert {forms[w.lower()] for w in words} == present, (cap, words, present)
+
+
+def test_prompt_template_sets():
+    """'simple' puts every chosen word into the evaluation prompt; the default stays official;
+    an unknown set fails when the data config is built, naming the choices."""
+    from groupvit_fast.data.config import DataConfig
+    from groupvit_fast.data.prompts import (CLIP_TEMPLATES, PromptBuilder, build_prompt_texts,
+                                            template_set)
+    from groupvit_fast.data.tokenizer import tokenize
+    rng = np.random.default_rng(0)
+    texts = build_prompt_texts("two stars and a ring", 3, rng, template_set("simple"))
+    assert sorted(texts[1:3]) == ["a photo of a ring.", "a photo of a stars."]
+    pb = PromptBuilder(3, templates="simple", context_length=16)
+    tok = pb.batch(["a cross"], [np.random.default_rng(1)])
+    assert torch.equal(tok[0, 1], tokenize("a photo of a cross.", 16)[0])
+    assert template_set("full") == CLIP_TEMPLATES and DataConfig().prompt_templates == "full"
+    with pytest.raises(ValueError, match="simple"):
+        DataConfig(prompt_templates="short")
+    with pytest.raises(ValueError, match="'{}'"):
+        template_set(["no slot"])

@@ -1,5 +1,7 @@
 """Contrastive losses: plain and chunked paths against an independent naive computation that
 builds the official one-hot soft targets [B,L1,B,L2,W] explicitly (ref §4.3)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,3 +320,107 @@ def test_model_group_loss_option(proj_num_layers):
     assert torch.equal(owned, want) and owned.any(dim=1).all()
     with pytest.raises(ValueError, match="multi_label"):
         gf.build_model(ModelConfig.from_dict(dict(d, multi_label=0, group_loss_weight=1.0)))
+
+
+def naive_claim_loss(g, owned, t, valid, bg, scale):
+    """float64 loops: each owned group's softmax over its image's valid nouns + background; each
+    candidate takes its best owned group's log-probability."""
+    g = F.normalize(g.double(), dim=-1)
+    t = F.normalize(t.double(), dim=-1)
+    bg = F.normalize(bg.double(), dim=-1)
+    terms = []
+    for b in range(g.shape[0]):
+        cands = [t[b, k] for k in range(t.shape[1]) if valid[b, k]] + [bg]
+        groups = [j for j in range(g.shape[1]) if owned[b, j]]
+        if not groups:
+            continue
+        logp = {}
+        for j in groups:
+            logits = torch.stack([g[b, j] @ c for c in cands]) * scale
+            logp[j] = torch.log_softmax(logits, 0)
+        for ci in range(len(cands)):
+            terms.append(-max(float(logp[j][ci]) for j in groups))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("B,G,K", [(5, 4, 3), (3, 7, 1), (6, 2, 2)])
+def test_group_claim_loss_matches_naive(B, G, K):
+    g = torch.Generator().manual_seed(7 + B * 100 + G * 10 + K)
+    feat = torch.randn(B, G, 8, generator=g, requires_grad=True)
+    txt = torch.randn(B, K, 8, generator=g, requires_grad=True)
+    bg = torch.randn(8, generator=g, requires_grad=True)
+    owned = torch.rand(B, G, generator=g) > 0.5
+    owned[1:, G - 1] = True
+    owned[0] = False  # an image owning nothing claims nothing
+    valid = torch.rand(B, K, generator=g) > 0.3
+    valid[1, 0] = False
+    out = losses.group_claim_loss(feat, owned, txt, valid, bg, torch.tensor(3.0))
+    assert out.item() == pytest.approx(naive_claim_loss(feat, owned, txt, valid, bg, 3.0),
+                                       rel=1e-5)
+    out.backward()
+    assert feat.grad[~owned].abs().max() == 0  # unowned groups never claim
+    assert txt.grad[1, 0].abs().max() == 0  # an invalid prompt is no candidate
+    assert bg.grad.abs().max() > 0
+
+
+def test_group_claim_loss_prefers_separate_groups():
+    """Two owned groups, one noun: naming one group the noun and the other the background costs
+    less than both groups naming the noun (the loss can tell the two apart)."""
+    t = torch.tensor([[[1.0, 0.0]]])
+    bg = torch.tensor([0.0, 1.0])
+    owned = torch.ones(1, 2, dtype=torch.bool)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    split = losses.group_claim_loss(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), owned, t, valid, bg,
+                                    torch.tensor(10.0))
+    both = losses.group_claim_loss(torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]), owned, t, valid, bg,
+                                   torch.tensor(10.0))
+    assert split.item() < 1e-3 < both.item()
+
+
+def test_flat_class_loss_matches_naive_and_is_zero_when_flat():
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 6, generator=g, requires_grad=True)
+    w = torch.rand(5, generator=g)
+    prompts = torch.randn(7, 6, generator=g)
+    pv = torch.tensor([True, True, False, True, True, True, False])
+    out = losses.flat_class_loss(rows, w, prompts, pv, torch.tensor(5.0))
+    r = F.normalize(rows.double(), dim=-1)
+    p = F.normalize(prompts.double(), dim=-1)[pv]
+    ce = [-float(torch.log_softmax(r[i] @ p.T * 5.0, 0).mean()) for i in range(5)]
+    want = sum(float(w[i]) * ce[i] for i in range(5)) / float(w.sum()) - math.log(int(pv.sum()))
+    assert out.item() == pytest.approx(want, rel=1e-5)
+    out.backward()
+    assert rows.grad.abs().max() > 0
+    # a row orthogonal to prompts that are all alike gives a flat softmax: zero loss
+    flat = losses.flat_class_loss(torch.tensor([[0.0, 1.0]]), torch.ones(1),
+                                  torch.tensor([[1.0, 0.0], [-1.0, 0.0]]),
+                                  torch.ones(2, dtype=torch.bool), torch.tensor(10.0))
+    assert abs(flat.item()) < 1e-6
+
+
+@pytest.mark.parametrize("extra,keys", [
+    (dict(claim_loss_weight=1.0), {"claim_loss"}),
+    (dict(flat_loss_weight=0.5), {"flat_loss"}),
+    (dict(claim_loss_weight=1.0, flat_loss_weight=0.5, flat_rows="background"),
+     {"claim_loss", "flat_loss"}),
+])
+def test_model_claim_and_flat_options(extra, keys):
+    """Recipe options add their loss terms, train every encoder, and leave the checkpoint keys
+    official (the background prompt is a non-persistent buffer)."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    off = gf.build_model(ModelConfig.from_dict(_GROUP_LOSS_MODEL)).train()
+    on = gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, **extra))).train()
+    assert off.state_dict().keys() == on.state_dict().keys()
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    out = on(img, txt)
+    assert set(out) == {"loss", "multi_label_loss"} | keys
+    sum(out[k] for k in keys).backward()
+    assert on.img_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert on.text_encoder.token_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="claim_loss_weight"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, flat_loss_weight=1.0,
+                                                  flat_rows="background")))

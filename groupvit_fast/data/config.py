@@ -40,6 +40,9 @@ class DataConfig:
     #: K multi-label prompts per caption (texts [B, 1+K, 77]); 0 = caption only ([B, 77])
     multi_label: int = 3
     context_length: int = 77
+    #: templates of the multi-label prompts: 'full' (CLIP's 80, official) or 'simple'
+    #: ("a photo of a {}.", a recipe option for small text encoders; see data.prompts)
+    prompt_templates: str = "full"
     #: sample shuffle buffer (DALI initial_fill); the torch loader shuffles globally
     shuffle_buffer: int = 10000
     #: DALI CPU threads / torch DataLoader workers
@@ -52,6 +55,8 @@ class DataConfig:
     eval_resize_ratio: float = 256 / 224
 
     def __post_init__(self):
+        from .prompts import template_set
+        template_set(self.prompt_templates)  # an unknown name fails here, not in a worker
         if self.loader not in ("auto", "dali", "torch"):
             raise ValueError(f"DataConfig.loader must be 'auto', 'dali' or 'torch', got {self.loader!r}")
         if self.dali_device not in ("auto", "cpu", "mixed"):

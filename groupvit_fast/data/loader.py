@@ -288,7 +288,8 @@ class _TrainLoaderBase:
 
     def _texts(self, captions: Sequence[str], sample_ids: Sequence[int]) -> torch.Tensor:
         from .prompts import PromptBuilder
-        pb = PromptBuilder(self.cfg.multi_label, context_length=self.cfg.context_length)
+        pb = PromptBuilder(self.cfg.multi_label, context_length=self.cfg.context_length,
+                           templates=self.cfg.prompt_templates)
         rngs = [np.random.default_rng([self.seed, self.epoch, int(i)]) for i in sample_ids]
         return pb.batch(list(captions), rngs)
 
@@ -321,6 +322,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
         self.bs = loader.batch_size
         self.seed, self.epoch, self.rank = loader.seed, loader.epoch, loader.rank
         self.k, self.context_length = loader.cfg.multi_label, loader.cfg.context_length
+        self.templates = loader.cfg.prompt_templates
         self.exclude = frozenset(loader.exclude)
 
     def __iter__(self):
@@ -368,7 +370,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
                 images.append(tf(img))
                 captions.append(cap)
                 used.append(i)
-        pb = PromptBuilder(self.k, context_length=self.context_length)
+        pb = PromptBuilder(self.k, context_length=self.context_length, templates=self.templates)
         texts = pb.batch(captions, [np.random.default_rng([self.seed, self.epoch, i]) for i in used])
         return b, torch.stack(images), texts, bad
 

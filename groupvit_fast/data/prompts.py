@@ -57,6 +57,25 @@ CLIP_TEMPLATES = (
 )
 assert len(CLIP_TEMPLATES) == 80
 
+#: named template sets for training prompts: 'full' is the official one; 'simple' (the
+#: evaluation prompt alone) is a recipe option for small text encoders, which otherwise spend
+#: their capacity on 80 templates around a single class word
+TEMPLATE_SETS = {"full": CLIP_TEMPLATES, "simple": ("a photo of a {}.",)}
+
+
+def template_set(name_or_templates) -> Sequence[str]:
+    """Templates from a name in ``TEMPLATE_SETS`` or an explicit sequence of '{}' strings."""
+    if isinstance(name_or_templates, str):
+        if name_or_templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown prompt template set {name_or_templates!r}; choose from "
+                             f"{sorted(TEMPLATE_SETS)} or give a list of '{{}}' templates")
+        return TEMPLATE_SETS[name_or_templates]
+    templates = tuple(name_or_templates)
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"prompt templates must be non-empty strings with '{{}}', got {bad or templates}")
+    return templates
+
 _STOP = frozenset("""a an the and or but of in on at to for with by from as is are was were be been
 being this that these those it its there here very some any two three four five one several many
 much more most few next near beside over under above below into onto up down out off about after
@@ -124,13 +143,19 @@ def build_prompts(caption: str, k: int = 3, rng: Optional[np.random.Generator] =
 class PromptBuilder:
     """Callable caption -> tokens with its own seeded generator (deterministic per seed)."""
 
-    def __init__(self, k: int = 3, seed: int = 0, context_length: int = 77):
+    def __init__(self, k: int = 3, seed: int = 0, context_length: int = 77,
+                 templates="full"):
         self.k = int(k)
         self.context_length = context_length
         self.rng = np.random.default_rng(seed)
+        self.templates = template_set(templates)
 
     def __call__(self, caption: str, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
-        return build_prompts(caption, self.k, rng if rng is not None else self.rng, self.context_length)
+        if self.k == 0:
+            return tokenize(caption, self.context_length)[0]
+        rng = rng if rng is not None else self.rng
+        return tokenize(build_prompt_texts(caption, self.k, rng, self.templates),
+                        self.context_length)
 
     def batch(self, captions: Sequence[str], rngs: Optional[Sequence[np.random.Generator]] = None
               ) -> torch.Tensor:
@@ -140,10 +165,10 @@ class PromptBuilder:
         texts: List[str] = []
         for i, c in enumerate(captions):
             rng = rngs[i] if rngs is not None else self.rng
-            texts.extend(build_prompt_texts(c, self.k, rng))
+            texts.extend(build_prompt_texts(c, self.k, rng, self.templates))
         tok = tokenize(texts, self.context_length)
         return tok.view(len(captions), self.k + 1, self.context_length)  # [B*(1+k), L] -> [B, 1+k, L]
 
 
-__all__ = ["CLIP_TEMPLATES", "KEEP_TAGS", "pos_tag", "extract_words", "build_prompt_texts",
+__all__ = ["CLIP_TEMPLATES", "TEMPLATE_SETS", "template_set", "KEEP_TAGS", "pos_tag", "extract_words", "build_prompt_texts",
            "build_prompts", "PromptBuilder"]

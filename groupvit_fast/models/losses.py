@@ -17,6 +17,7 @@ rounding would hurt.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -242,5 +243,77 @@ def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_f
         return 0.5 * (loss_img + loss_txt)
 
 
-__all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "row_logsumexp",
-           "set_loss_chunk_size"]
+def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: torch.Tensor,
+                     valid: torch.Tensor, bg_feat: torch.Tensor, logit_scale: torch.Tensor):
+    """Group claim loss: a recipe option, *not* part of the paper.
+
+    The segmentation protocol names every final group from its own token and calls a group
+    background when no class stands out. The paper's losses only see the mean of the groups, and
+    mean pooling hands every group the same gradient, so nothing makes a group carry its *own*
+    pixels' class, and background groups end up naming the scene's objects. Here every image's
+    candidate names are its caption's noun prompts plus one background prompt shared by all
+    images; each owned group spreads a softmax over its own image's candidates, and every
+    candidate must be *claimed*: some owned group must put its mass on it,
+    loss = −mean over (image, candidate) of max over owned groups of log p(candidate | group).
+    Within one image it is symmetric, across images it is not: the background prompt is the same
+    in every scene, so only what all scenes share (their background) can claim it consistently.
+    Each noun needs its own group, which also asks for as many groups as there are named things.
+
+    group_feat [B,G,D] projected group tokens; owned [B,G] bool; noun_feat [B,K,D] projected noun
+    prompts; valid [B,K] bool (False for caption copies and repeated prompts); bg_feat [D] the
+    projected background prompt. Per-image only (no gathered negatives): the official losses
+    already contrast images and prompts across the batch."""
+    if group_feat.ndim != 3 or noun_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
+            or valid.shape != noun_feat.shape[:2] or group_feat.shape[0] != noun_feat.shape[0] \
+            or bg_feat.shape != group_feat.shape[2:]:
+        raise ValueError(f"group_claim_loss: expected group_feat [B,G,D], owned [B,G], "
+                         f"noun_feat [B,K,D], valid [B,K], bg_feat [D]; got "
+                         f"{tuple(group_feat.shape)}, {tuple(owned.shape)}, "
+                         f"{tuple(noun_feat.shape)}, {tuple(valid.shape)}, {tuple(bg_feat.shape)}")
+    B, G, D = group_feat.shape
+    with torch.autocast(group_feat.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=group_feat.device).float()
+        g = _fp32(group_feat)  # [B,G,D]
+        cand = torch.cat([_fp32(noun_feat), _fp32(bg_feat).expand(B, 1, D)], dim=1)  # [B,K+1,D]
+        cvalid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B,K+1]
+        logits = torch.einsum("bgd,bkd->bgk", g, cand) * s  # [B,G,K+1]
+        logits = logits.masked_fill(~cvalid[:, None, :], float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)  # over the image's own candidates
+        neg = torch.finfo(torch.float32).min
+        claim = logp.masked_fill(~owned[:, :, None], neg).amax(dim=1)  # [B,K+1]
+        rows = owned.any(dim=1)[:, None] & cvalid  # images with no owned group: nothing to claim
+        if not bool(rows.any()):
+            return g.sum() * 0.0
+        return -claim[rows].mean()
+
+
+def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Tensor,
+                    prompt_valid: torch.Tensor, logit_scale: torch.Tensor):
+    """Flatness loss: a recipe option, *not* part of the paper.
+
+    The protocol calls a group background when its softmax over the class prompts is flat. What
+    all images share (the background's direction in the joint space) is a common offset of every
+    pooled embedding, which no contrastive loss constrains, so one class ends up nearest to it and
+    names the background everywhere. Here rows that stand for the background are asked to give
+    every prompt the same probability: weighted mean over rows of
+    CE(uniform over the valid prompts, softmax_p(s·<row, prompt_p>)).
+
+    rows [R,D], weights [R] (>= 0, not differentiated), prompts [P,D], prompt_valid [P] bool."""
+    if rows.ndim != 2 or prompts.ndim != 2 or weights.shape != rows.shape[:1] \
+            or prompt_valid.shape != prompts.shape[:1] or rows.shape[1] != prompts.shape[1]:
+        raise ValueError(f"flat_class_loss: expected rows [R,D], weights [R], prompts [P,D], "
+                         f"prompt_valid [P]; got {tuple(rows.shape)}, {tuple(weights.shape)}, "
+                         f"{tuple(prompts.shape)}, {tuple(prompt_valid.shape)}")
+    with torch.autocast(rows.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=rows.device).float()
+        t = _fp32(prompts)[prompt_valid]  # [P',D]
+        w = weights.detach().float()
+        if t.shape[0] < 2 or float(w.sum()) <= 0:
+            return rows.sum() * 0.0
+        logp = torch.log_softmax(_fp32(rows) @ t.T * s, dim=-1)  # [R,P']
+        ce = -logp.mean(dim=-1)  # CE to uniform, minimal (log P') when flat
+        return (w * ce).sum() / w.sum() - math.log(t.shape[0])
+
+
+__all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "group_claim_loss",
+           "flat_class_loss", "row_logsumexp", "set_loss_chunk_size"]

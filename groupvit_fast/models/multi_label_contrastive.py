@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT
 from .layers import Result
-from .losses import group_multi_label_loss, image_text_loss, multi_label_loss
+from .losses import (flat_class_loss, group_claim_loss, group_multi_label_loss, image_text_loss,
+                     multi_label_loss)
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
@@ -58,7 +59,8 @@ class ProjectMLP(nn.Module):
 class MultiLabelContrastive(nn.Module):
     def __init__(self, img_encoder, text_encoder, output_dim=256, contrast_temperature=0.07,
                  proj_num_layers=2, multi_label=0, share_temperature=False,
-                 multi_label_loss_weight=1.0, group_loss_weight=0.0):
+                 multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
+                 claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean"):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -90,6 +92,37 @@ class MultiLabelContrastive(nn.Module):
         if group_loss_weight < 0:
             raise ValueError(f"group_loss_weight must be >= 0, got {group_loss_weight}")
         self.group_loss_weight = float(group_loss_weight)
+        # recipe option, not in the paper (0 = official): group_claim_loss over each image's noun
+        # prompts plus one background prompt, given as tokens [1, context_length]; a
+        # non-persistent buffer, so checkpoints keep the official keys
+        if claim_loss_weight < 0:
+            raise ValueError(f"claim_loss_weight must be >= 0, got {claim_loss_weight}")
+        if claim_loss_weight and not self.with_multi_label:
+            raise ValueError("claim_loss_weight > 0 needs multi_label > 0 (it reads the noun "
+                             "prompts)")
+        self.claim_loss_weight = float(claim_loss_weight)
+        if claim_loss_weight:
+            if claim_background_tokens is None:
+                raise ValueError("claim_loss_weight > 0 needs claim_background_tokens (the "
+                                 "background prompt tokenised, [1, context_length])")
+            tok = torch.as_tensor(claim_background_tokens, dtype=torch.long).reshape(1, -1)
+            self.register_buffer("claim_background_tokens", tok, persistent=False)
+        else:
+            self.claim_background_tokens = None
+        # recipe option, not in the paper (0 = official): flat_class_loss on the batch's noun
+        # prompts for the rows that stand for the background: 'mean' = the mean owned group of
+        # the batch (what every image shares), 'background' = each owned group weighted by its
+        # claim probability of the background prompt (needs claim_loss_weight > 0)
+        if flat_loss_weight < 0:
+            raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
+        if flat_rows not in ("mean", "background"):
+            raise ValueError(f"flat_rows must be 'mean' or 'background', got {flat_rows!r}")
+        if flat_loss_weight and not self.with_multi_label:
+            raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
+        if flat_loss_weight and flat_rows == "background" and not claim_loss_weight:
+            raise ValueError("flat_rows='background' needs claim_loss_weight > 0")
+        self.flat_loss_weight = float(flat_loss_weight)
+        self.flat_rows = flat_rows
 
     @property
     def with_multi_label(self):
@@ -166,21 +199,74 @@ class MultiLabelContrastive(nn.Module):
             raise ValueError("owned_groups: the image encoder has no grouping stage")
         return own.sum(dim=-1) > 0.5
 
+    def _encode_text_and_background(self, text):
+        """Texts [B,1+K,L] and the claim background prompt in one text-encoder call (its BN
+        statistics pool over both): (text_outs dict, background embedding [D])."""
+        if text.ndim != 3:
+            raise ValueError(f"claim_loss_weight needs texts [B,1+K,L], got shape "
+                             f"{tuple(text.shape)}")
+        B, T, L = text.shape
+        bg = self.claim_background_tokens
+        if bg.shape[-1] != L:
+            raise ValueError(f"claim background prompt has {bg.shape[-1]} tokens, the texts {L}")
+        both = torch.cat([text.reshape(B * T, L), bg.to(text.device)], dim=0)  # [B·T+1,L]
+        emb = self.text_projector(self.text_encoder(both))  # [B·T+1,D]
+        text_x = emb[:-1].reshape(B, T, -1)  # [B,1+K,D]
+        return dict(text_x=text_x[:, 0], text_multi_label_x=text_x[:, 1:]), emb[-1]
+
+    def _flat_loss(self, group_feat, owned, noun_feat, valid, bg_x):
+        """flat_class_loss rows and weights for ``flat_rows`` (see __init__)."""
+        D = group_feat.shape[-1]
+        g = F.normalize(group_feat.float(), dim=-1)  # [B,G,D]
+        s = self.get_multi_label_logit_scale()
+        if self.flat_rows == "mean":
+            w = owned.float()[..., None]  # [B,G,1]
+            rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
+            weights = rows.new_ones(1)
+        else:
+            # each owned group's probability of claiming the background among its image's
+            # candidates (as in group_claim_loss), not differentiated: it only picks the rows
+            t = F.normalize(noun_feat.float(), dim=-1)
+            b = F.normalize(bg_x.float(), dim=-1)
+            cand = torch.cat([t, b.expand(t.shape[0], 1, D)], dim=1)  # [B,K+1,D]
+            logits = torch.einsum("bgd,bkd->bgk", g, cand) * s
+            cvalid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+            logits = logits.masked_fill(~cvalid[:, None], float("-inf"))
+            p_bg = torch.softmax(logits, dim=-1)[..., -1].detach() * owned.float()  # [B,G]
+            rows, weights = g.reshape(-1, D), p_bg.reshape(-1)  # [B·G,D], [B·G]
+        return flat_class_loss(rows, weights, noun_feat.reshape(-1, D), valid.reshape(-1), s)
+
     def forward_train(self, image, text):
-        text_outs = self.encode_text(text, as_dict=True)
-        img_outs = self.encode_image(image, return_feat=bool(self.group_loss_weight),
-                                     return_attn=bool(self.group_loss_weight), as_dict=True)
+        claim = bool(self.claim_loss_weight)
+        flat = bool(self.flat_loss_weight)
+        per_group = bool(self.group_loss_weight) or claim or flat
+        if claim:
+            text_outs, bg_x = self._encode_text_and_background(text)
+        else:
+            text_outs = self.encode_text(text, as_dict=True)
+        img_outs = self.encode_image(image, return_feat=per_group, return_attn=per_group,
+                                     as_dict=True)
         image_x = img_outs["image_x"]
-        group_loss = None
-        if self.group_loss_weight:
+        group_loss = claim_loss = flat_loss = None
+        if per_group:
             if "text_multi_label_x" not in text_outs:
-                raise ValueError(f"group_loss_weight needs texts [B,1+K,L], got shape "
-                                 f"{tuple(text.shape)}")
+                raise ValueError(f"group_loss_weight / claim_loss_weight need texts [B,1+K,L], "
+                                 f"got shape {tuple(text.shape)}")
             # prompts that are copies of the caption (captions with fewer than K nouns) name
             # the whole scene, not one object: left out
             valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
+            owned = self.owned_groups(img_outs["attn_dicts"])
+        if claim:
+            claim_loss = group_claim_loss(img_outs["image_feat"], owned,
+                                          text_outs["text_multi_label_x"], valid, bg_x,
+                                          self.get_multi_label_logit_scale())
+        if flat:
+            flat_loss = self._flat_loss(img_outs["image_feat"], owned,
+                                        text_outs["text_multi_label_x"], valid,
+                                        bg_x if claim else None)
+        if self.group_loss_weight:
             group_loss = group_multi_label_loss(
-                img_outs["image_feat"], self.owned_groups(img_outs["attn_dicts"]),
+                img_outs["image_feat"], owned,
                 text_outs["text_multi_label_x"], valid, self.get_multi_label_logit_scale())
         losses = dict(loss=self.loss(image_x, text_outs["text_x"]))
         if self.with_multi_label:
@@ -192,6 +278,10 @@ class MultiLabelContrastive(nn.Module):
                 self.multi_label_loss_weight
         if group_loss is not None:
             losses["group_loss"] = group_loss * self.group_loss_weight
+        if claim_loss is not None:
+            losses["claim_loss"] = claim_loss * self.claim_loss_weight
+        if flat_loss is not None:
+            losses["flat_loss"] = flat_loss * self.flat_loss_weight
         return losses
 
     def forward_test(self, image, text):

@@ -129,12 +129,13 @@ def check_compat(cfg: TrainConfig, plan: BatchPlan, stage: int) -> None:
             f"ZeRO-3 ({plan.describe()}): use configs/ds_zero2.json / ds_zero1.json, or set "
             f"train.grad_cache=false (plain accumulation: each micro batch then contrasts only "
             f"{plan.micro_batch * plan.world_size} samples instead of {plan.global_batch})")
-    if cfg.train.grad_cache and plan.grad_accum > 1 and cfg.model.group_loss_weight > 0:
-        raise ValueError(
-            f"model.group_loss_weight={cfg.model.group_loss_weight} needs the group tokens, which "
-            f"train.grad_cache=true (gradient accumulation {plan.grad_accum}, {plan.describe()}) "
-            f"does not keep in its embedding cache: set train.grad_cache=false or "
-            f"model.group_loss_weight=0")
+    for opt in ("group_loss_weight", "claim_loss_weight", "flat_loss_weight"):
+        w = getattr(cfg.model, opt)
+        if cfg.train.grad_cache and plan.grad_accum > 1 and w > 0:
+            raise ValueError(
+                f"model.{opt}={w} needs the group tokens, which train.grad_cache=true (gradient "
+                f"accumulation {plan.grad_accum}, {plan.describe()}) does not keep in its "
+                f"embedding cache: set train.grad_cache=false or model.{opt}=0")
 
 
 def _seed_all(seed: int):

@@ -278,12 +278,13 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     mbs, num_text = _check_micro_batches(micro_batches)
     a = len(mbs)
     if loss_fn is None:
-        if getattr(net, "group_loss_weight", 0):
-            # checked once per step, not per micro batch; train/main.py refuses the combination
-            # earlier still (engine.check_compat)
-            raise ValueError("grad_cache_step: model.group_loss_weight > 0 needs the group "
-                             "tokens, which the embedding cache does not keep: set "
-                             "train.grad_cache=false or model.group_loss_weight=0")
+        for opt in ("group_loss_weight", "claim_loss_weight", "flat_loss_weight"):
+            if getattr(net, opt, 0):
+                # checked once per step, not per micro batch; train/main.py refuses the
+                # combination earlier still (engine.check_compat)
+                raise ValueError(f"grad_cache_step: model.{opt} > 0 needs the group tokens, "
+                                 f"which the embedding cache does not keep: set "
+                                 f"train.grad_cache=false or model.{opt}=0")
         loss_fn = features_loss
     if loss_scale is None:
         loss_scale = _engine_loss_scale(engine) if engine is not None else 1.0

@@ -1,0 +1,122 @@
+"""Why a zero-shot segmentation is good or bad: the final groups of a trained model on the
+embedded synthetic val split, taken apart.
+
+    python bench/groups_diag.py --checkpoint output/default [--images 200]
+
+Prints (and writes ``groups_diag.json`` beside the checkpoint):
+
+- ``oracle``: mIoU when every final group is labelled with its true majority class (what perfect
+  naming of these groups would reach; an upper bound for the protocol);
+- ``oracle-bg``: the model's own names for the groups whose majority is an object, with the
+  background groups given (naming alone, without the background rule);
+- ``naming``: share of object-majority groups that the protocol's class probabilities name right;
+- ``fg P / bg P``: median of the protocol's max class probability for object-majority and
+  background-majority groups (the background threshold needs bg P well below fg P);
+- ``groups``: final groups owning pixels per image; ``pooled top-1``: the pooled embedding's class
+  on single-object scenes; the learned logit scales.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def diagnose(model, n_images: int = 200, dataset_kw=None):
+    from groupvit_fast.seg.datasets import build_dataset
+    from groupvit_fast.seg.metrics import IoUAccumulator
+    from groupvit_fast.seg.segmenter import ZeroShotSegmenter
+    val = build_dataset("synthetic", None, split="val", **(dataset_kw or {}))
+    names = list(val.class_names)
+    C = len(names)
+    seg = ZeroShotSegmenter(model, names, img_scale=None, mode="whole")
+    oracle, oracle_bg = IoUAccumulator(C), IoUAccumulator(C)
+    fgP, bgP, named, n_fg_groups, used = [], [], 0, 0, []
+    pooled_ok = pooled_n = 0
+    n = min(n_images, len(val))
+    samples = [val[i] for i in range(n)]
+    model.eval()
+    with torch.no_grad():
+        for c0 in range(0, n, 50):
+            chunk = samples[c0:c0 + 50]
+            xs = [seg.preprocess(s[0])[0] for s in chunk]
+            per_image = seg._fast_encode(xs)
+            pooled = F.normalize(model.encode_image(torch.stack(xs)), dim=-1)
+            pooled_cls = (pooled @ seg.text_embedding.T).argmax(-1) + 1
+            for (img, mask), wins, pc in zip(chunk, per_image, pooled_cls):
+                mask = np.asarray(mask).astype(np.int64)
+                (_, gidx, P) = wins[0]
+                g = gidx.cpu().numpy()
+                if g.shape != mask.shape:  # nearest resize of the group map to the mask
+                    t = torch.from_numpy(g)[None, None].float()
+                    g = F.interpolate(t, size=mask.shape, mode="nearest")[0, 0].long().numpy()
+                Pm = P.cpu().numpy()  # [G,N_fg]
+                pred_or = np.zeros_like(mask)
+                pred_obg = np.zeros_like(mask)
+                gs = np.unique(g)
+                used.append(len(gs))
+                for k in gs:
+                    sel = g == k
+                    maj = int(np.bincount(mask[sel], minlength=C).argmax())
+                    pred_or[sel] = maj
+                    best = float(Pm[k].max())
+                    if maj > 0:
+                        n_fg_groups += 1
+                        guess = int(Pm[k].argmax()) + 1
+                        named += guess == maj
+                        pred_obg[sel] = guess
+                        fgP.append(best)
+                    else:
+                        bgP.append(best)
+                oracle.update(pred_or, mask)
+                oracle_bg.update(pred_obg, mask)
+                classes = set(np.unique(mask).tolist()) - {0}
+                if len(classes) == 1:
+                    pooled_n += 1
+                    pooled_ok += int(pc) in classes
+    med = lambda v: float(np.median(v)) if v else float("nan")  # noqa: E731
+    out = {
+        "images": n,
+        "oracle": oracle.summary(names)["mIoU"],
+        "oracle-bg": oracle_bg.summary(names)["mIoU"],
+        "naming": named / max(n_fg_groups, 1),
+        "fg P": med(fgP), "bg P": med(bgP),
+        "groups": float(np.mean(used)),
+        "pooled top-1 (single-object scenes)": pooled_ok / max(pooled_n, 1),
+        "logit_scale": float(model.get_logit_scale()),
+        "multi_label_logit_scale": float(model.get_multi_label_logit_scale())
+        if model.with_multi_label else None,
+    }
+    t = seg.text_embedding
+    out["class prompt cosine (max off-diagonal)"] = float(
+        (t @ t.T - 2 * torch.eye(len(t))).max())
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a .pth or a training run directory")
+    p.add_argument("--images", type=int, default=200)
+    args = p.parse_args(argv)
+    from groupvit_fast.checkpoint import load_checkpoint, read_checkpoint
+    from groupvit_fast.seg.emergence import latest_export, trained_synthetic_options
+    ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
+    obj = read_checkpoint(ckpt)
+    syn = trained_synthetic_options(obj.get("config") if isinstance(obj, dict) else None)
+    model = load_checkpoint(obj)
+    res = diagnose(model, args.images, {"cfg": syn} if syn else None)
+    for k, v in res.items():
+        print(f"{k:40s} {v if not isinstance(v, float) else round(v, 4)}")
+    out = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "groups_diag.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
