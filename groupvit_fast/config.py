@@ -64,6 +64,7 @@ class ModelConfig:
     #: group claim loss (losses.group_claim_loss): every caption noun and one shared background
     #: prompt must each be claimed by an owned group; 0 = official. A recipe option (README)
     claim_loss_weight: float = 0.0
+    #: the shared background candidate of the claim loss; "" = none (the nouns alone compete)
     claim_background_prompt: str = "a photo of a background."
     #: flatness loss (losses.flat_class_loss) on the rows that stand for the background:
     #: "mean" (the batch's mean owned group) or "background" (groups claiming the background
@@ -85,7 +86,7 @@ class ModelConfig:
                     flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows)
 
     def _claim_tokens(self):
-        if not self.claim_loss_weight:
+        if not self.claim_loss_weight or not self.claim_background_prompt:
             return None
         from .data.tokenizer import tokenize
         return tokenize(self.claim_background_prompt, context_length=self.text.context_length)

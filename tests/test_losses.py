@@ -424,3 +424,36 @@ def test_model_claim_and_flat_options(extra, keys):
     with pytest.raises(ValueError, match="claim_loss_weight"):
         gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, flat_loss_weight=1.0,
                                                   flat_rows="background")))
+
+
+def test_group_claim_loss_without_background_needs_a_group_per_noun():
+    """Without the background candidate one noun costs nothing, and two nouns carried by one
+    group cost log 2 each, against ~0 for a group each."""
+    owned = torch.ones(1, 2, dtype=torch.bool)
+    s = torch.tensor(10.0)
+    one = losses.group_claim_loss(torch.randn(1, 2, 2), owned, torch.tensor([[[1.0, 0.0]]]),
+                                  torch.ones(1, 1, dtype=torch.bool), None, s)
+    assert abs(one.item()) < 1e-6
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    v = torch.ones(1, 2, dtype=torch.bool)
+    sep = losses.group_claim_loss(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), owned, t, v, None, s)
+    both = losses.group_claim_loss(torch.tensor([[[1.0, 1.0], [1.0, 1.0]]]), owned, t, v, None, s)
+    assert sep.item() < 1e-3 and both.item() == pytest.approx(math.log(2), rel=1e-5)
+    g = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    t3 = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        losses.group_claim_loss(g, torch.ones(3, 4, dtype=torch.bool), t3,
+                                torch.ones(3, 2, dtype=torch.bool), None, s),
+        naive_claim_loss_nobg(g, torch.ones(3, 4, dtype=torch.bool), t3,
+                              torch.ones(3, 2, dtype=torch.bool), 10.0))
+
+
+def naive_claim_loss_nobg(g, owned, t, valid, scale):
+    g, t = F.normalize(g, dim=-1), F.normalize(t, dim=-1)
+    terms = []
+    for b in range(g.shape[0]):
+        ks = [k for k in range(t.shape[1]) if valid[b, k]]
+        logp = [torch.log_softmax(torch.stack([g[b, j] @ t[b, k] for k in ks]) * scale, 0)
+                for j in range(g.shape[1]) if owned[b, j]]
+        terms += [-torch.stack([lp[i] for lp in logp]).max() for i in range(len(ks))]
+    return torch.stack(terms).mean()

@@ -244,7 +244,8 @@ def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_f
 
 
 def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: torch.Tensor,
-                     valid: torch.Tensor, bg_feat: torch.Tensor, logit_scale: torch.Tensor):
+                     valid: torch.Tensor, bg_feat: Optional[torch.Tensor],
+                     logit_scale: torch.Tensor):
     """Group claim loss: a recipe option, *not* part of the paper.
 
     The segmentation protocol names every final group from its own token and calls a group
@@ -261,21 +262,26 @@ def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: t
 
     group_feat [B,G,D] projected group tokens; owned [B,G] bool; noun_feat [B,K,D] projected noun
     prompts; valid [B,K] bool (False for caption copies and repeated prompts); bg_feat [D] the
-    projected background prompt. Per-image only (no gathered negatives): the official losses
-    already contrast images and prompts across the batch."""
+    projected background prompt, or None: the nouns alone are the candidates (an image with one
+    noun then costs nothing; with several, each needs a group of its own). Per-image only (no
+    gathered negatives): the official losses already contrast images and prompts across the
+    batch."""
     if group_feat.ndim != 3 or noun_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
             or valid.shape != noun_feat.shape[:2] or group_feat.shape[0] != noun_feat.shape[0] \
-            or bg_feat.shape != group_feat.shape[2:]:
+            or (bg_feat is not None and bg_feat.shape != group_feat.shape[2:]):
         raise ValueError(f"group_claim_loss: expected group_feat [B,G,D], owned [B,G], "
                          f"noun_feat [B,K,D], valid [B,K], bg_feat [D]; got "
                          f"{tuple(group_feat.shape)}, {tuple(owned.shape)}, "
-                         f"{tuple(noun_feat.shape)}, {tuple(valid.shape)}, {tuple(bg_feat.shape)}")
+                         f"{tuple(noun_feat.shape)}, {tuple(valid.shape)}, "
+                         f"{None if bg_feat is None else tuple(bg_feat.shape)}")
     B, G, D = group_feat.shape
     with torch.autocast(group_feat.device.type, enabled=False):
         s = torch.as_tensor(logit_scale, device=group_feat.device).float()
         g = _fp32(group_feat)  # [B,G,D]
-        cand = torch.cat([_fp32(noun_feat), _fp32(bg_feat).expand(B, 1, D)], dim=1)  # [B,K+1,D]
-        cvalid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B,K+1]
+        cand, cvalid = _fp32(noun_feat), valid  # [B,K,D], [B,K]
+        if bg_feat is not None:
+            cand = torch.cat([cand, _fp32(bg_feat).expand(B, 1, D)], dim=1)  # [B,K+1,D]
+            cvalid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B,K+1]
         logits = torch.einsum("bgd,bkd->bgk", g, cand) * s  # [B,G,K+1]
         logits = logits.masked_fill(~cvalid[:, None, :], float("-inf"))
         logp = torch.log_softmax(logits, dim=-1)  # over the image's own candidates

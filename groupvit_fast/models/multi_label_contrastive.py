@@ -101,13 +101,10 @@ class MultiLabelContrastive(nn.Module):
             raise ValueError("claim_loss_weight > 0 needs multi_label > 0 (it reads the noun "
                              "prompts)")
         self.claim_loss_weight = float(claim_loss_weight)
-        if claim_loss_weight:
-            if claim_background_tokens is None:
-                raise ValueError("claim_loss_weight > 0 needs claim_background_tokens (the "
-                                 "background prompt tokenised, [1, context_length])")
+        if claim_loss_weight and claim_background_tokens is not None:
             tok = torch.as_tensor(claim_background_tokens, dtype=torch.long).reshape(1, -1)
             self.register_buffer("claim_background_tokens", tok, persistent=False)
-        else:
+        else:  # no background candidate: the nouns alone compete for the groups
             self.claim_background_tokens = None
         # recipe option, not in the paper (0 = official): flat_class_loss on the batch's noun
         # prompts for the rows that stand for the background: 'mean' = the mean owned group of
@@ -119,8 +116,10 @@ class MultiLabelContrastive(nn.Module):
             raise ValueError(f"flat_rows must be 'mean' or 'background', got {flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
-        if flat_loss_weight and flat_rows == "background" and not claim_loss_weight:
-            raise ValueError("flat_rows='background' needs claim_loss_weight > 0")
+        if flat_loss_weight and flat_rows == "background" and (
+                not claim_loss_weight or claim_background_tokens is None):
+            raise ValueError("flat_rows='background' needs claim_loss_weight > 0 and a claim "
+                             "background prompt")
         self.flat_loss_weight = float(flat_loss_weight)
         self.flat_rows = flat_rows
 
@@ -240,7 +239,8 @@ class MultiLabelContrastive(nn.Module):
         claim = bool(self.claim_loss_weight)
         flat = bool(self.flat_loss_weight)
         per_group = bool(self.group_loss_weight) or claim or flat
-        if claim:
+        bg_x = None
+        if claim and self.claim_background_tokens is not None:
             text_outs, bg_x = self._encode_text_and_background(text)
         else:
             text_outs = self.encode_text(text, as_dict=True)
@@ -263,7 +263,7 @@ class MultiLabelContrastive(nn.Module):
         if flat:
             flat_loss = self._flat_loss(img_outs["image_feat"], owned,
                                         text_outs["text_multi_label_x"], valid,
-                                        bg_x if claim else None)
+                                        bg_x)
         if self.group_loss_weight:
             group_loss = group_multi_label_loss(
                 img_outs["image_feat"], owned,
