@@ -42,8 +42,11 @@ $(EXT_STAMP): $(STAMP) $(EXT_SRCS) setup.py
 
 ext: $(EXT_STAMP)
 
+# The pytest script, not `python -m pytest`: -m puts the repository root on sys.path, where the
+# source folder kernels/ shadows the `kernels` package that transformers (>= 5.x) requires and
+# imports (ImportError: cannot import name 'CUDAProperties' from 'kernels').
 test: env
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 # The main job on the embedded default: DeepSpeed training on the synthetic dataset (one CPU
 # rank here, every GPU on a GPU machine), then zero-shot segmentation of its held-out split
