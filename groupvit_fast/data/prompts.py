@@ -132,12 +132,13 @@ def build_prompt_texts(caption: str, k: int, rng: np.random.Generator,
 
 
 def build_prompts(caption: str, k: int = 3, rng: Optional[np.random.Generator] = None,
-                  context_length: int = 77) -> torch.Tensor:
+                  context_length: int = 77,
+                  templates: Sequence[str] = CLIP_TEMPLATES) -> torch.Tensor:
     """Token ids ``[1+k, context_length]`` (or ``[context_length]`` when ``k == 0``)."""
     if k == 0:
         return tokenize(caption, context_length)[0]
     rng = rng if rng is not None else np.random.default_rng()
-    return tokenize(build_prompt_texts(caption, k, rng), context_length)
+    return tokenize(build_prompt_texts(caption, k, rng, templates), context_length)
 
 
 class PromptBuilder:
@@ -151,11 +152,8 @@ class PromptBuilder:
         self.templates = template_set(templates)
 
     def __call__(self, caption: str, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
-        if self.k == 0:
-            return tokenize(caption, self.context_length)[0]
-        rng = rng if rng is not None else self.rng
-        return tokenize(build_prompt_texts(caption, self.k, rng, self.templates),
-                        self.context_length)
+        return build_prompts(caption, self.k, rng if rng is not None else self.rng,
+                             self.context_length, self.templates)
 
     def batch(self, captions: Sequence[str], rngs: Optional[Sequence[np.random.Generator]] = None
               ) -> torch.Tensor:
@@ -170,5 +168,5 @@ class PromptBuilder:
         return tok.view(len(captions), self.k + 1, self.context_length)  # [B*(1+k), L] -> [B, 1+k, L]
 
 
-__all__ = ["CLIP_TEMPLATES", "TEMPLATE_SETS", "template_set", "KEEP_TAGS", "pos_tag", "extract_words", "build_prompt_texts",
-           "build_prompts", "PromptBuilder"]
+__all__ = ["CLIP_TEMPLATES", "TEMPLATE_SETS", "template_set", "KEEP_TAGS", "pos_tag",
+           "extract_words", "build_prompt_texts", "build_prompts", "PromptBuilder"]
