@@ -243,6 +243,21 @@ def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_f
         return 0.5 * (loss_img + loss_txt)
 
 
+def claim_log_probs(group_feat: torch.Tensor, noun_feat: torch.Tensor, valid: torch.Tensor,
+                    bg_feat: Optional[torch.Tensor], logit_scale: torch.Tensor):
+    """Each group's log-softmax over its own image's claim candidates (valid nouns, then the
+    background prompt when given): (logp [B,G,K(+1)] fp32, candidate mask [B,K(+1)])."""
+    B, _, D = group_feat.shape
+    s = torch.as_tensor(logit_scale, device=group_feat.device).float()
+    cand, cvalid = _fp32(noun_feat), valid  # [B,K,D], [B,K]
+    if bg_feat is not None:
+        cand = torch.cat([cand, _fp32(bg_feat).expand(B, 1, D)], dim=1)  # [B,K+1,D]
+        cvalid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B,K+1]
+    logits = torch.einsum("bgd,bkd->bgk", _fp32(group_feat), cand) * s  # [B,G,K+1]
+    logits = logits.masked_fill(~cvalid[:, None, :], float("-inf"))
+    return torch.log_softmax(logits, dim=-1), cvalid
+
+
 def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: torch.Tensor,
                      valid: torch.Tensor, bg_feat: Optional[torch.Tensor],
                      logit_scale: torch.Tensor):
@@ -274,22 +289,13 @@ def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: t
                          f"{tuple(group_feat.shape)}, {tuple(owned.shape)}, "
                          f"{tuple(noun_feat.shape)}, {tuple(valid.shape)}, "
                          f"{None if bg_feat is None else tuple(bg_feat.shape)}")
-    B, G, D = group_feat.shape
     with torch.autocast(group_feat.device.type, enabled=False):
-        s = torch.as_tensor(logit_scale, device=group_feat.device).float()
-        g = _fp32(group_feat)  # [B,G,D]
-        cand, cvalid = _fp32(noun_feat), valid  # [B,K,D], [B,K]
-        if bg_feat is not None:
-            cand = torch.cat([cand, _fp32(bg_feat).expand(B, 1, D)], dim=1)  # [B,K+1,D]
-            cvalid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # [B,K+1]
-        logits = torch.einsum("bgd,bkd->bgk", g, cand) * s  # [B,G,K+1]
-        logits = logits.masked_fill(~cvalid[:, None, :], float("-inf"))
-        logp = torch.log_softmax(logits, dim=-1)  # over the image's own candidates
+        logp, cvalid = claim_log_probs(group_feat, noun_feat, valid, bg_feat, logit_scale)
         neg = torch.finfo(torch.float32).min
         claim = logp.masked_fill(~owned[:, :, None], neg).amax(dim=1)  # [B,K+1]
         rows = owned.any(dim=1)[:, None] & cvalid  # images with no owned group: nothing to claim
         if not bool(rows.any()):
-            return g.sum() * 0.0
+            return group_feat.sum() * 0.0
         return -claim[rows].mean()
 
 
@@ -322,4 +328,4 @@ def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Te
 
 
 __all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "group_claim_loss",
-           "flat_class_loss", "row_logsumexp", "set_loss_chunk_size"]
+           "claim_log_probs", "flat_class_loss", "row_logsumexp", "set_loss_chunk_size"]

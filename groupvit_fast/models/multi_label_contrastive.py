@@ -11,11 +11,15 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT
 from .layers import Result
-from .losses import (flat_class_loss, group_claim_loss, group_multi_label_loss, image_text_loss,
-                     multi_label_loss)
+from .losses import (claim_log_probs, flat_class_loss, group_claim_loss, group_multi_label_loss,
+                     image_text_loss, multi_label_loss)
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
+
+#: recipe-option loss weights that read the per-group tokens (not only the pooled embedding), so
+#: an embedding cache of pooled features (GradCache) cannot serve them
+GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight")
 
 
 def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
@@ -225,20 +229,15 @@ class MultiLabelContrastive(nn.Module):
         else:
             # each owned group's probability of claiming the background among its image's
             # candidates (as in group_claim_loss), not differentiated: it only picks the rows
-            t = F.normalize(noun_feat.float(), dim=-1)
-            b = F.normalize(bg_x.float(), dim=-1)
-            cand = torch.cat([t, b.expand(t.shape[0], 1, D)], dim=1)  # [B,K+1,D]
-            logits = torch.einsum("bgd,bkd->bgk", g, cand) * s
-            cvalid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
-            logits = logits.masked_fill(~cvalid[:, None], float("-inf"))
-            p_bg = torch.softmax(logits, dim=-1)[..., -1].detach() * owned.float()  # [B,G]
+            logp, _ = claim_log_probs(group_feat, noun_feat, valid, bg_x, s)
+            p_bg = logp[..., -1].detach().exp() * owned.float()  # [B,G]
             rows, weights = g.reshape(-1, D), p_bg.reshape(-1)  # [B·G,D], [B·G]
         return flat_class_loss(rows, weights, noun_feat.reshape(-1, D), valid.reshape(-1), s)
 
     def forward_train(self, image, text):
         claim = bool(self.claim_loss_weight)
         flat = bool(self.flat_loss_weight)
-        per_group = bool(self.group_loss_weight) or claim or flat
+        per_group = any(getattr(self, opt) for opt in GROUP_TOKEN_LOSSES)
         bg_x = None
         if claim and self.claim_background_tokens is not None:
             text_outs, bg_x = self._encode_text_and_background(text)

@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.multi_label_contrastive import GROUP_TOKEN_LOSSES
+
 __all__ = ["grad_cache_step", "features_loss", "is_deepspeed_engine", "unwrap_model",
            "SavedTensorMeter", "ACCUM_MODES", "resolve_accum_mode", "accum_mode_message"]
 
@@ -278,7 +280,7 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     mbs, num_text = _check_micro_batches(micro_batches)
     a = len(mbs)
     if loss_fn is None:
-        for opt in ("group_loss_weight", "claim_loss_weight", "flat_loss_weight"):
+        for opt in GROUP_TOKEN_LOSSES:
             if getattr(net, opt, 0):
                 # checked once per step, not per micro batch; train/main.py refuses the
                 # combination earlier still (engine.check_compat)
