@@ -336,3 +336,37 @@ def test_assign_scale_multiplies_the_assignment_logits():
         tiny_image(assign_scale=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="assign_scale must be > 0"):
         tiny_image(assign_scale=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("hw,patch,cin", [((64, 64), 8, 3), ((70, 53), 8, 3), ((48, 32), 16, 3),
+                                          ((33, 33), 4, 5)])
+def test_patch_embed_gemm_matches_convolution(hw, patch, cin):
+    """The GEMM form of the non-overlapping patch projection against the convolution it replaces
+    (float64), forward and backward with a shared random upstream gradient; sizes that are not a
+    multiple of the patch drop the remainder as the convolution does."""
+    from groupvit_fast.models.group_vit import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=hw, kernel_size=patch, stride=patch, in_chans=cin, embed_dim=24).double()
+    pe.eval()  # off-grid sizes are eval-only
+    x = torch.randn(3, cin, *hw, dtype=torch.float64, requires_grad=True)
+    y, hw_out = pe(x)
+    ref = pe.proj(x)  # [B,C,h,w]
+    assert tuple(hw_out) == tuple(ref.shape[2:])
+    ref = ref.flatten(2).transpose(1, 2)  # [B,C,h,w] -> [B,h*w,C]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, pe.proj.weight, pe.proj.bias), g)
+    want = torch.autograd.grad(ref, (x, pe.proj.weight, pe.proj.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_embed_overlapping_kernel_keeps_the_convolution():
+    from groupvit_fast.models.group_vit import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=32, kernel_size=7, stride=4, padding=2, in_chans=3, embed_dim=8)
+    x = torch.randn(2, 3, 32, 32)
+    y, hw_out = pe(x)
+    ref = pe.proj(x)
+    assert tuple(hw_out) == (8, 8)
+    torch.testing.assert_close(y, ref.flatten(2).transpose(1, 2))

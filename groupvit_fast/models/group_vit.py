@@ -191,15 +191,31 @@ class PatchEmbed(nn.Module):
     def num_patches(self):
         return self.patches_resolution[0] * self.patches_resolution[1]
 
+    def _project(self, x):
+        """The patch projection as one GEMM when patches do not overlap (kernel == stride, no
+        padding; every release): the same sums as the convolution, but oneDNN's direct
+        convolution runs a 3-channel input several times slower than a GEMM on CPU (forward
+        and backward), and the GEMM needs no [B,C,h,w] -> [B,h*w,C] transpose afterwards."""
+        conv = self.proj
+        (kh, kw), (sh, sw), pad = conv.kernel_size, conv.stride, conv.padding
+        if (kh, kw) != (sh, sw) or pad != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1):
+            x = conv(x)  # [B,C,h,w]
+            return x.flatten(2).transpose(1, 2), x.shape[2:]  # [B,C,h,w] -> [B,h*w,C]
+        B, Cin, H, W = x.shape
+        h, w = H // kh, W // kw  # the convolution drops a remainder narrower than a patch too
+        x = x[:, :, :h * kh, :w * kw]
+        # [B,Cin,h*kh,w*kw] -> [B,Cin,h,kh,w,kw] -> [B,h,w,Cin,kh,kw] -> [B,h*w,Cin*kh*kw]
+        x = x.reshape(B, Cin, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, Cin * kh * kw)
+        weight = conv.weight.reshape(conv.out_channels, Cin * kh * kw)  # [C,Cin,kh,kw] -> [C,Cin*kh*kw]
+        return F.linear(x, weight, conv.bias), torch.Size((h, w))
+
     def forward(self, x):
         B, C, H, W = x.shape
         if self.training and (H, W) != self.img_size:
             raise ValueError(f"GroupViT: training input must be {self.img_size[0]}x"
                              f"{self.img_size[1]} (the learned pos_embed grid), got {H}x{W}; "
                              f"switch to eval() for other resolutions")
-        x = self.proj(x)  # [B,C,h,w]
-        hw_shape = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)  # [B,h*w,C]
+        x, hw_shape = self._project(x)  # [B,h*w,C]
         if self.norm is not None:
             x = self.norm(x)
         return x, hw_shape
