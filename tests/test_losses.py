@@ -304,8 +304,8 @@ def test_model_group_loss_option(proj_num_layers):
         mean0 = bn.running_mean.clone()
         on(img, txt)
         hook.remove()
-        assert len(seen) == 1 and seen[0].shape[0] == 4 and seen[0].shape[2] == 1 + 2  # [B,C',1+G]
-        torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * seen[0].mean(dim=(0, 2)))
+        assert len(seen) == 1 and seen[0].shape[0] == 4 * (1 + 2)  # [B*(1+G),C']
+        torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * seen[0].mean(dim=0))
         on.eval()  # in eval the joint call is row-independent: pooled output as without feat
         torch.testing.assert_close(on.encode_image(img, return_feat=True, as_dict=True)["image_x"],
                                    on.encode_image(img), rtol=1e-5, atol=1e-6)

@@ -370,3 +370,29 @@ def test_patch_embed_overlapping_kernel_keeps_the_convolution():
     ref = pe.proj(x)
     assert tuple(hw_out) == (8, 8)
     torch.testing.assert_close(y, ref.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (5, 3, 16)])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_project_mlp_rows_match_official_conv1d_layout(shape, num_layers):
+    """ProjectMLP's row (Linear) form against the official [B,C,L] Conv1d + BatchNorm1d layout,
+    float64, training mode (batch statistics), forward, backward and BN running stats."""
+    import copy
+    from groupvit_fast.models.multi_label_contrastive import ProjectMLP
+    torch.manual_seed(0)
+    m = ProjectMLP(in_dim=16, inner_dim=12, out_dim=8, num_layers=num_layers).double().train()
+    ref_m = copy.deepcopy(m)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    x3 = x.unsqueeze(1) if x.ndim == 2 else x  # [B,C] -> [B,1,C]
+    ref = ref_m.linear_out(ref_m.linear_hidden(x3.transpose(1, 2))).transpose(1, 2)  # [B,C',L] -> [B,L,C']
+    ref = ref.squeeze(1) if x.ndim == 2 else ref
+    assert y.shape == ref.shape == (*shape[:-1], 8)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *m.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *ref_m.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(m.buffers(), ref_m.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
