@@ -403,7 +403,6 @@ def test_flat_class_loss_matches_naive_and_is_zero_when_flat():
     (dict(flat_loss_weight=0.5), {"flat_loss"}),
     (dict(claim_loss_weight=1.0, flat_loss_weight=0.5, flat_rows="background"),
      {"claim_loss", "flat_loss"}),
-    (dict(flat_loss_weight=0.5, flat_rows="unclaimed"), {"flat_loss"}),
 ])
 def test_model_claim_and_flat_options(extra, keys):
     """Recipe options add their loss terms, train every encoder, and leave the checkpoint keys
@@ -458,46 +457,3 @@ def naive_claim_loss_nobg(g, owned, t, valid, scale):
                 for j in range(g.shape[1]) if owned[b, j]]
         terms += [-torch.stack([lp[i] for lp in logp]).max() for i in range(len(ks))]
     return torch.stack(terms).mean()
-
-
-def test_flat_rows_unclaimed_flattens_the_groups_no_noun_picks():
-    """flat_rows='unclaimed' against a loop: the rows are the owned groups that are no valid
-    noun's best owned group in their own image (images without a valid noun give none), with
-    the batch's valid noun prompts as the classes."""
-    import groupvit_fast as gf
-    from groupvit_fast.config import ModelConfig
-    torch.manual_seed(0)
-    m = gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, flat_loss_weight=1.0,
-                                                  flat_rows="unclaimed")))
-    B, G, K, D = 5, 4, 3, 6
-    g = torch.randn(B, G, D, dtype=torch.float64)
-    t = torch.randn(B, K, D, dtype=torch.float64)
-    owned = torch.rand(B, G) < 0.7
-    owned[:, 0] = True
-    valid = torch.rand(B, K) < 0.6
-    valid[0] = torch.tensor([True, True, False])
-    valid[1] = False  # no noun: its groups are not rows
-    got = m._flat_loss(g, owned, t, valid, None)
-    gn = F.normalize(g, dim=-1)
-    tn = F.normalize(t, dim=-1)
-    rows = []
-    for b in range(B):
-        if not valid[b].any():
-            continue
-        claimed = set()
-        for k in range(K):
-            if valid[b, k]:
-                sims = [(float(gn[b, j] @ tn[b, k]), j) for j in range(G) if owned[b, j]]
-                claimed.add(max(sims)[1])
-        rows += [gn[b, j] for j in range(G) if owned[b, j] and j not in claimed]
-    assert rows, "the draw should leave some unclaimed owned group"
-    want = losses.flat_class_loss(torch.stack(rows), torch.ones(len(rows), dtype=torch.float64),
-                                  t.reshape(-1, D), valid.reshape(-1),
-                                  m.get_multi_label_logit_scale())
-    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
-    # every owned group claimed (one group per noun): nothing to flatten
-    one = torch.zeros(1, 2, dtype=torch.bool)
-    one[0, :] = True
-    g2 = torch.tensor([[[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]])
-    t2 = torch.tensor([[[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]])
-    assert m._flat_loss(g2, one, t2, torch.ones(1, 2, dtype=torch.bool), None).item() == 0.0

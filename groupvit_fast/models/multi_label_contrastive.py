@@ -20,8 +20,6 @@ MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
 #: recipe-option loss weights that read the per-group tokens (not only the pooled embedding), so
 #: an embedding cache of pooled features (GradCache) cannot serve them
 GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight")
-#: which groups flat_class_loss flattens (MultiLabelContrastive flat_rows)
-FLAT_ROWS = ("mean", "background", "unclaimed")
 
 
 def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
@@ -120,12 +118,11 @@ class MultiLabelContrastive(nn.Module):
         # recipe option, not in the paper (0 = official): flat_class_loss on the batch's noun
         # prompts for the rows that stand for the background: 'mean' = the mean owned group of
         # the batch (what every image shares), 'background' = each owned group weighted by its
-        # claim probability of the background prompt (needs claim_loss_weight > 0), 'unclaimed' =
-        # each owned group that is not its image's best owned group for any of the caption's nouns
+        # claim probability of the background prompt (needs claim_loss_weight > 0)
         if flat_loss_weight < 0:
             raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
-        if flat_rows not in FLAT_ROWS:
-            raise ValueError(f"flat_rows must be one of {FLAT_ROWS}, got {flat_rows!r}")
+        if flat_rows not in ("mean", "background"):
+            raise ValueError(f"flat_rows must be 'mean' or 'background', got {flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
         if flat_loss_weight and flat_rows == "background" and (
@@ -234,19 +231,6 @@ class MultiLabelContrastive(nn.Module):
             w = owned.float()[..., None]  # [B,G,1]
             rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
             weights = rows.new_ones(1)
-        elif self.flat_rows == "unclaimed":
-            # the protocol names a group by its best class; a group that is no noun's best
-            # owned group in its own image stands for the background (or an unnamed part), so
-            # it should prefer no class. Selection only: not differentiated.
-            with torch.no_grad():
-                t = F.normalize(noun_feat.float(), dim=-1)  # [B,K,D]
-                sim = torch.einsum("bgd,bkd->bgk", g, t)  # [B,G,K]
-                sim = sim.masked_fill(~owned[:, :, None], float("-inf"))
-                best = sim.argmax(dim=1)  # [B,K] best owned group per noun
-                claimed = torch.zeros_like(owned, dtype=torch.float32).scatter_reduce(
-                    1, best, valid.float(), reduce="amax") > 0.5  # [B,G]
-                keep = owned & ~claimed & valid.any(dim=1, keepdim=True)  # [B,G]
-            rows, weights = g.reshape(-1, D), keep.float().reshape(-1)  # [B·G,D], [B·G]
         else:
             # each owned group's probability of claiming the background among its image's
             # candidates (as in group_claim_loss), not differentiated: it only picks the rows
