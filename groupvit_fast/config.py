@@ -33,7 +33,7 @@ class ImageEncoderConfig:
     gumbel_tau: float = 1.0
     #: Gumbel noise in training; None = hard_assignment (the official behaviour). A recipe
     #: option (a departure from the paper), not a release setting.
-    gumbel: Optional[bool] = None
+    gumbel: Optional[Union[bool, List[Optional[bool]]]] = None  # one value or one per stage
     #: scale of the assignment logits q·k; None = dim**-0.5 (official). A recipe option: short
     #: schedules never grow the logits past the Gumbel noise at the official scale.
     assign_scale: Optional[Union[float, List[float]]] = None  # one number or one per stage

@@ -317,6 +317,26 @@ def test_gumbel_option_trains_with_noise_free_argmax():
     assert tiny_image().layers[0].downsample.assign.gumbel  # official default: noise when hard
 
 
+def test_gumbel_per_stage():
+    """gumbel=[True, False]: noise in stage 1's training assignment only (stage 2 takes the
+    noise-free argmax of its logits); a wrong length is refused."""
+    torch.manual_seed(0)
+    m = tiny_image(gumbel=[True, False]).train()
+    assert [l.downsample.assign.gumbel for l in m.layers[:2]] == [True, False]
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    a = m(x, return_attn=True, as_dict=True)["attn_dicts"]
+    torch.manual_seed(2)
+    b = m(x, return_attn=True, as_dict=True)["attn_dicts"]
+    assert not torch.equal(a[0]["hard"], b[0]["hard"])  # stage 1: noisy
+    for d in (a[1], b[1]):  # stage 2: the argmax of its own (noise-free) soft map
+        assert torch.equal(d["hard"].argmax(2), d["soft"].argmax(2))
+    assert [l.downsample.assign.gumbel for l in tiny_image(gumbel=[None, False]).layers[:2]] \
+        == [True, False]  # None: the official rule (noise when hard)
+    with pytest.raises(ValueError, match="gumbel has 3 entries"):
+        tiny_image(gumbel=[True, False, True])
+
+
 def test_assign_scale_multiplies_the_assignment_logits():
     torch.manual_seed(0)
     base = tiny_image().eval()

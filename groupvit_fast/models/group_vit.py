@@ -305,6 +305,13 @@ class GroupViT(nn.Module):
             if len(assign_scales) != n - 1:
                 raise ValueError(f"GroupViT: assign_scale has {len(assign_scales)} entries, "
                                  f"expected {n - 1} (one per GroupingBlock) or a single number")
+        if gumbel is None or isinstance(gumbel, bool):
+            gumbels = [hard_assignment if gumbel is None else gumbel] * (n - 1)
+        else:
+            gumbels = [hard_assignment if g is None else bool(g) for g in gumbel]
+            if len(gumbels) != n - 1:
+                raise ValueError(f"GroupViT: gumbel has {len(gumbels)} entries, expected "
+                                 f"{n - 1} (one per GroupingBlock) or a single value")
         bad = [a for a in assign_scales if a is not None and not a > 0]
         if bad:
             raise ValueError(f"GroupViT: assign_scale must be > 0 (None = the official "
@@ -323,7 +330,7 @@ class GroupViT(nn.Module):
                                            norm_layer=norm_layer, hard=hard_assignment,
                                            # official: Gumbel noise exactly when hard; small
                                            # recipes may train with the noise-free argmax
-                                           gumbel=hard_assignment if gumbel is None else gumbel,
+                                           gumbel=gumbels[i],
                                            gumbel_tau=gumbel_tau,
                                            # None: dim**-0.5, the official scale
                                            assign_scale=assign_scales[i])
