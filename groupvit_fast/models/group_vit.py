@@ -221,6 +221,18 @@ class PatchEmbed(nn.Module):
         return x, hw_shape
 
 
+def _per_stage(value, n_stages: int, name: str, scalar_types) -> list:
+    """A per-grouping-stage option: one value (or None) for every stage, or a list of exactly
+    one value per stage."""
+    if value is None or isinstance(value, scalar_types):
+        return [value] * n_stages
+    values = list(value)
+    if len(values) != n_stages:
+        raise ValueError(f"GroupViT: {name} has {len(values)} entries, expected {n_stages} "
+                         f"(one per GroupingBlock) or a single value")
+    return values
+
+
 def build_2d_sincos_position_embedding(h, w, embed_dim, temperature=10000.0):
     """Fixed 2-D sin-cos table ('fourier' pos_embed_type, unused by the releases)."""
     grid_w = torch.arange(w, dtype=torch.float32)
@@ -298,20 +310,11 @@ class GroupViT(nn.Module):
         # stochastic depth linearly spaced over all blocks
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         embed_dims = [int(embed_dim * f) for f in embed_factors]
-        if assign_scale is None or isinstance(assign_scale, (int, float)):
-            assign_scales = [assign_scale] * (n - 1)
-        else:
-            assign_scales = list(assign_scale)
-            if len(assign_scales) != n - 1:
-                raise ValueError(f"GroupViT: assign_scale has {len(assign_scales)} entries, "
-                                 f"expected {n - 1} (one per GroupingBlock) or a single number")
-        if gumbel is None or isinstance(gumbel, bool):
-            gumbels = [hard_assignment if gumbel is None else gumbel] * (n - 1)
-        else:
-            gumbels = [hard_assignment if g is None else bool(g) for g in gumbel]
-            if len(gumbels) != n - 1:
-                raise ValueError(f"GroupViT: gumbel has {len(gumbels)} entries, expected "
-                                 f"{n - 1} (one per GroupingBlock) or a single value")
+        assign_scales = _per_stage(assign_scale, n - 1, "assign_scale", (int, float))
+        # official: Gumbel noise exactly when hard; small recipes may train with the noise-free
+        # argmax, at every stage or only some
+        gumbels = [hard_assignment if g is None else bool(g)
+                   for g in _per_stage(gumbel, n - 1, "gumbel", bool)]
         bad = [a for a in assign_scales if a is not None and not a > 0]
         if bad:
             raise ValueError(f"GroupViT: assign_scale must be > 0 (None = the official "
@@ -328,8 +331,6 @@ class GroupViT(nn.Module):
                                            num_group_token=num_group_tokens[i],
                                            num_output_group=num_output_groups[i],
                                            norm_layer=norm_layer, hard=hard_assignment,
-                                           # official: Gumbel noise exactly when hard; small
-                                           # recipes may train with the noise-free argmax
                                            gumbel=gumbels[i],
                                            gumbel_tau=gumbel_tau,
                                            # None: dim**-0.5, the official scale
