@@ -37,6 +37,10 @@ class ImageEncoderConfig:
     #: scale of the assignment logits q·k; None = dim**-0.5 (official). A recipe option: short
     #: schedules never grow the logits past the Gumbel noise at the official scale.
     assign_scale: Optional[Union[float, List[float]]] = None  # one number or one per stage
+    #: cosine assignment logits: q and k L2-normalised before q·k·assign_scale, so the logits
+    #: stay within ±assign_scale (neither decay into the noise nor saturate the softmax); False
+    #: = official. A recipe option (README), one value or one per stage.
+    assign_cosine: Union[bool, List[bool]] = False
 
 
 @dataclass

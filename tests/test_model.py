@@ -358,6 +358,41 @@ def test_assign_scale_multiplies_the_assignment_logits():
         tiny_image(assign_scale=[1.0, 0.0])
 
 
+def test_assign_cosine_bounds_the_assignment_logits():
+    """With assign_cosine the logits are assign_scale · cos(q, k): the soft map's log-odds between
+    any two groups stay within 2·assign_scale, whatever the weights' size, and the stage without
+    the option keeps the plain dot product. Same parameters and keys as the official module."""
+    torch.manual_seed(0)
+    base = tiny_image().eval()
+    cos = tiny_image(assign_cosine=[False, True], assign_scale=[None, 3.0]).eval()
+    assert [l.downsample.assign.cosine for l in cos.layers[:2]] == [False, True]
+    cos.load_state_dict(base.state_dict())
+    with torch.no_grad():  # large projections: plain logits would saturate the softmax
+        for m in (base, cos):
+            m.layers[1].downsample.assign.q_proj.weight.mul_(50)
+    x = torch.randn(2, 3, 32, 32)
+    a = base(x, return_attn=True, as_dict=True)["attn_dicts"]
+    b = cos(x, return_attn=True, as_dict=True)["attn_dicts"]
+    torch.testing.assert_close(a[0]["soft"], b[0]["soft"])  # stage 1 unchanged
+    lb = b[1]["soft"].log()  # [B,1,G,N]
+    spread = lb.amax(2) - lb.amin(2)
+    assert float(spread.max()) <= 6.0 + 1e-4
+    la = a[1]["soft"].clamp_min(1e-30).log()
+    assert float((la.amax(2) - la.amin(2)).max()) > 6.0  # the dot product is not bounded
+    # by hand: softmax over groups of 3·<q̂, k̂> for the stage-2 assignment
+    asg = cos.layers[1].downsample.assign
+    seen = {}
+    h = asg.register_forward_hook(lambda mod, inp, out: seen.update(q=inp[0], k=inp[1]))
+    cos(x)
+    h.remove()
+    q = F.normalize(asg.q_proj(seen["q"]), dim=-1)
+    k = F.normalize(asg.k_proj(seen["k"]), dim=-1)
+    want = torch.softmax(3.0 * q @ k.transpose(1, 2), dim=1)  # [B,S,N], softmax over groups
+    torch.testing.assert_close(b[1]["soft"][:, 0], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="assign_cosine has 3 entries"):
+        tiny_image(assign_cosine=[True, False, True])
+
+
 @pytest.mark.parametrize("hw,patch,cin", [((64, 64), 8, 3), ((70, 53), 8, 3), ((48, 32), 16, 3),
                                           ((33, 33), 4, 5)])
 def test_patch_embed_gemm_matches_convolution(hw, patch, cin):

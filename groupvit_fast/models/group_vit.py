@@ -27,7 +27,7 @@ class AssignAttention(nn.Module):
 
     def __init__(self, dim, num_heads=1, qkv_bias=False, qk_scale=None, attn_drop=0.0,
                  proj_drop=0.0, hard=True, gumbel=False, gumbel_tau=1.0, sum_assign=False,
-                 assign_eps=1.0):
+                 assign_eps=1.0, cosine=False):
         super().__init__()
         if num_heads != 1:
             raise ValueError("AssignAttention supports num_heads=1 only (as every release)")
@@ -45,10 +45,15 @@ class AssignAttention(nn.Module):
         self.gumbel = gumbel
         self.gumbel_tau = gumbel_tau
         self.assign_eps = assign_eps
+        self.cosine = bool(cosine)
 
     def forward(self, query, key, *, return_attn=False):
         q = self.q_proj(query)  # [B,S,C]
         k = self.k_proj(key)  # [B,N,C]
+        if self.cosine:
+            # recipe option: bounded logits keep the softmax's gradient alive (a saturated
+            # softmax passes none to the straight-through assignment)
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = self.v_proj(key)  # [B,N,C]
         kwargs = dict(scale=self.scale, gumbel=self.gumbel and self.training,
                       tau=self.gumbel_tau, eps=self.assign_eps, hard=self.hard,
@@ -77,7 +82,8 @@ class GroupingBlock(nn.Module):
 
     def __init__(self, *, dim, out_dim, num_heads, num_group_token, num_output_group,
                  norm_layer=nn.LayerNorm, mlp_ratio=(0.5, 4.0), hard=True, gumbel=True,
-                 sum_assign=False, assign_eps=1.0, gumbel_tau=1.0, assign_scale=None):
+                 sum_assign=False, assign_eps=1.0, gumbel_tau=1.0, assign_scale=None,
+                 assign_cosine=False):
         super().__init__()
         self.dim = dim
         self.hard = hard
@@ -95,7 +101,7 @@ class GroupingBlock(nn.Module):
         self.assign = AssignAttention(dim=dim, num_heads=1, qkv_bias=True, hard=hard,
                                       gumbel=gumbel, gumbel_tau=gumbel_tau,
                                       sum_assign=sum_assign, assign_eps=assign_eps,
-                                      qk_scale=assign_scale)
+                                      qk_scale=assign_scale, cosine=assign_cosine)
         self.norm_new_x = norm_layer(dim)
         self.mlp_channels = Mlp(dim, channels_dim, out_dim)
         if out_dim is not None and dim != out_dim:
@@ -254,7 +260,7 @@ class GroupViT(nn.Module):
                  mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.1, patch_norm=True, use_checkpoint=False,
                  pos_embed_type="simple", freeze_patch_embed=False, gumbel_tau=1.0,
-                 gumbel=None, assign_scale=None):
+                 gumbel=None, assign_scale=None, assign_cosine=False):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"GroupViT: patch_size must be 4, 8 or 16, got {patch_size}")
@@ -315,6 +321,7 @@ class GroupViT(nn.Module):
         # argmax, at every stage or only some
         gumbels = [hard_assignment if g is None else bool(g)
                    for g in _per_stage(gumbel, n - 1, "gumbel", bool)]
+        cosines = [bool(c) for c in _per_stage(assign_cosine, n - 1, "assign_cosine", bool)]
         bad = [a for a in assign_scales if a is not None and not a > 0]
         if bad:
             raise ValueError(f"GroupViT: assign_scale must be > 0 (None = the official "
@@ -334,7 +341,8 @@ class GroupViT(nn.Module):
                                            gumbel=gumbels[i],
                                            gumbel_tau=gumbel_tau,
                                            # None: dim**-0.5, the official scale
-                                           assign_scale=assign_scales[i])
+                                           assign_scale=assign_scales[i],
+                                           assign_cosine=cosines[i])
                 num_output_token = num_output_groups[i]
             group_projector = None
             if i > 0 and num_group_tokens[i] > 0:
