@@ -13,7 +13,12 @@ Prints (and writes ``groups_diag.json`` beside the checkpoint):
 - ``fg P / bg P``: median of the protocol's max class probability for object-majority and
   background-majority groups (the background threshold needs bg P well below fg P);
 - ``groups``: final groups owning pixels per image; ``pooled top-1``: the pooled embedding's class
-  on single-object scenes; the learned logit scales.
+  on single-object scenes; the learned logit scales;
+- ``oracle stage 1`` / ``stage-1 groups``: the same oracle for the first stage's groups (hard
+  maps, each labelled with its patches' true majority class), and how many of them an image uses:
+  what the second stage has to merge from;
+- ``fg P / bg P (1 object)``: the medians on scenes with a single object class, where the
+  background rule has the least excuse.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     seg = ZeroShotSegmenter(model, names, img_scale=None, mode="whole")
     oracle, oracle_bg = IoUAccumulator(C), IoUAccumulator(C)
     fgP, bgP, named, n_fg_groups, used = [], [], 0, 0, []
+    fgP1, bgP1, used1 = [], [], []
+    oracle1 = IoUAccumulator(C)
     pooled_ok = pooled_n = 0
     n = min(n_images, len(val))
     samples = [val[i] for i in range(n)]
@@ -47,7 +54,9 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
             per_image = seg._fast_encode(xs)
             pooled = F.normalize(model.encode_image(torch.stack(xs)), dim=-1)
             pooled_cls = (pooled @ seg.text_embedding.T).argmax(-1) + 1
-            for (img, mask), wins, pc in zip(chunk, per_image, pooled_cls):
+            first = model.img_encoder(torch.stack(xs), return_attn=True,
+                                      as_dict=True)["attn_dicts"][0]["hard"][:, 0]  # [B,G1,N]
+            for (img, mask), wins, pc, h1 in zip(chunk, per_image, pooled_cls, first):
                 mask = np.asarray(mask).astype(np.int64)
                 (_, gidx, P) = wins[0]
                 g = gidx.cpu().numpy()
@@ -59,6 +68,16 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                 pred_obg = np.zeros_like(mask)
                 gs = np.unique(g)
                 used.append(len(gs))
+                single = len(set(np.unique(mask).tolist()) - {0}) == 1
+                # stage-1 groups on the patch grid, nearest-upsampled to the mask
+                gh, gw = seg_grid(h1.shape[-1], mask.shape)
+                g1 = h1.argmax(0).reshape(1, 1, gh, gw).float()
+                g1 = F.interpolate(g1, size=mask.shape, mode="nearest")[0, 0].long().numpy()
+                pred1 = np.zeros_like(mask)
+                used1.append(len(np.unique(g1)))
+                for k in np.unique(g1):
+                    pred1[g1 == k] = np.bincount(mask[g1 == k], minlength=C).argmax()
+                oracle1.update(pred1, mask)
                 for k in gs:
                     sel = g == k
                     maj = int(np.bincount(mask[sel], minlength=C).argmax())
@@ -70,8 +89,12 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                         named += guess == maj
                         pred_obg[sel] = guess
                         fgP.append(best)
+                        if single:
+                            fgP1.append(best)
                     else:
                         bgP.append(best)
+                        if single:
+                            bgP1.append(best)
                 oracle.update(pred_or, mask)
                 oracle_bg.update(pred_obg, mask)
                 classes = set(np.unique(mask).tolist()) - {0}
@@ -86,15 +109,27 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
         "naming": named / max(n_fg_groups, 1),
         "fg P": med(fgP), "bg P": med(bgP),
         "groups": float(np.mean(used)),
+        "oracle stage 1": oracle1.summary(names)["mIoU"],
+        "stage-1 groups": float(np.mean(used1)),
+        "fg P (1 object)": med(fgP1), "bg P (1 object)": med(bgP1),
         "pooled top-1 (single-object scenes)": pooled_ok / max(pooled_n, 1),
-        "logit_scale": float(model.get_logit_scale()),
-        "multi_label_logit_scale": float(model.get_multi_label_logit_scale())
+        "logit_scale": float(model.get_logit_scale().detach()),
+        "multi_label_logit_scale": float(model.get_multi_label_logit_scale().detach())
         if model.with_multi_label else None,
     }
     t = seg.text_embedding
     out["class prompt cosine (max off-diagonal)"] = float(
         (t @ t.T - 2 * torch.eye(len(t))).max())
     return out
+
+
+def seg_grid(n_tokens: int, mask_shape) -> tuple:
+    """The patch grid (h, w) of n_tokens tokens for an image of mask_shape's aspect ratio."""
+    H, W = mask_shape
+    h = int(round((n_tokens * H / W) ** 0.5))
+    if h < 1 or n_tokens % h:
+        raise ValueError(f"groups_diag: {n_tokens} tokens do not tile a {H}x{W} image")
+    return h, n_tokens // h
 
 
 def main(argv=None):

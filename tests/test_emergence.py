@@ -102,3 +102,22 @@ def test_held_out_scenes_follow_the_training_generator():
     from groupvit_fast.training.config import build_config
     tc = build_config("default", ["data.options.synthetic.named_backgrounds=true"])
     assert trained_synthetic_options(tc.to_dict()) == {"named_backgrounds": True}
+
+
+def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
+    """bench/groups_diag.py: the oracles are mIoUs, the stage-1 group count is bounded by the
+    stage-1 tokens, and a token count that tiles no grid is an error, not a silent reshape."""
+    import importlib.util
+    monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location(
+        "groups_diag", os.path.join(ROOT, "bench", "groups_diag.py"))
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    out = diag.diagnose(_tiny_model(), 6, {"cfg": dict(SMALL, n_val=6, n_test=6)})
+    assert out["images"] == 6
+    for k in ("oracle", "oracle stage 1"):
+        assert 0.0 < out[k] <= 100.0
+    assert 1.0 <= out["stage-1 groups"] <= 8 and 1.0 <= out["groups"] <= 4
+    assert diag.seg_grid(64, (64, 64)) == (8, 8) and diag.seg_grid(32, (32, 64)) == (4, 8)
+    with pytest.raises(ValueError, match="do not tile"):
+        diag.seg_grid(63, (64, 64))
