@@ -75,6 +75,16 @@ class ModelConfig:
     #: prompt); 0 = official. A recipe option (README)
     flat_loss_weight: float = 0.0
     flat_rows: str = "mean"
+    #: content claim loss (losses.content_claim_loss): each caption noun must be carried by the
+    #: group whose pixels alone show it; with flat_rows="content" every owned group that
+    #: claims no noun is flattened; 0 = official. A recipe option (README)
+    content_claim_weight: float = 0.0
+    #: images of each local batch the content claim reads (its teacher costs one forward per
+    #: owned group); None = all
+    content_claim_images: Optional[int] = 16
+    #: (image, noun) pairs take part only where the claimant's content leads the runner-up by
+    #: this cosine margin
+    content_claim_margin: float = 0.1
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -87,7 +97,10 @@ class ModelConfig:
                     group_loss_weight=self.group_loss_weight,
                     claim_loss_weight=self.claim_loss_weight,
                     claim_background_tokens=self._claim_tokens(),
-                    flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows)
+                    flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows,
+                    content_claim_weight=self.content_claim_weight,
+                    content_claim_images=self.content_claim_images,
+                    content_claim_margin=self.content_claim_margin)
 
     def _claim_tokens(self):
         if not self.claim_loss_weight or not self.claim_background_prompt:

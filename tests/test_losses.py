@@ -457,3 +457,132 @@ def naive_claim_loss_nobg(g, owned, t, valid, scale):
                 for j in range(g.shape[1]) if owned[b, j]]
         terms += [-torch.stack([lp[i] for lp in logp]).max() for i in range(len(ks))]
     return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("B,G,K", [(3, 4, 2), (2, 3, 3)])
+def test_content_claim_loss_matches_naive(B, G, K):
+    """The claimant of each valid noun is the owned group whose *content* matches it best; the
+    group tokens are scored by a softmax over the image's owned groups with that target, for the
+    pairs whose claimant leads by the margin in images with two owned groups or more. Only
+    group_feat gets gradient; the content and the nouns are targets."""
+    g = torch.Generator().manual_seed(B * 10 + G)
+    feat = torch.randn(B, G, 5, generator=g, requires_grad=True)
+    content = torch.randn(B, G, 5, generator=g, requires_grad=True)
+    nouns = torch.randn(B, K, 5, generator=g, requires_grad=True)
+    owned = torch.rand(B, G, generator=g) > 0.3
+    owned[:, 1] = True
+    owned[0, 0] = False
+    valid = torch.rand(B, K, generator=g) > 0.2
+    valid[0, 0] = True
+    owned[1, 0] = True  # image 1 has two owned groups at least; image 2 may have one
+    s = torch.tensor(7.0)
+    f, c, n = (F.normalize(x.detach().double(), dim=-1) for x in (feat, content, nouns))
+    leads = []
+    for b in range(B):
+        gs = [j for j in range(G) if owned[b, j]]
+        for k in range(K):
+            if valid[b, k] and len(gs) > 1:
+                cs = sorted((float(c[b, j] @ n[b, k]) for j in gs), reverse=True)
+                leads.append(cs[0] - cs[1])
+    margin = sorted(leads)[len(leads) // 2]  # gates about half of the pairs out
+    loss, claimed = losses.content_claim_loss(feat, owned, content, nouns, valid, s,
+                                              margin=margin)
+    terms, want_claimed = [], torch.zeros(B, G, dtype=torch.bool)
+    for b in range(B):
+        gs = [j for j in range(G) if owned[b, j]]
+        for k in range(K):
+            if not valid[b, k] or len(gs) < 2:
+                continue
+            cs = sorted((float(c[b, j] @ n[b, k]) for j in gs), reverse=True)
+            if cs[0] - cs[1] < margin - 1e-6:
+                continue
+            target = max(gs, key=lambda j: float(c[b, j] @ n[b, k]))
+            want_claimed[b, target] = True
+            logits = torch.stack([f[b, j] @ n[b, k] for j in gs]) * 7.0
+            terms.append(-torch.log_softmax(logits, 0)[gs.index(target)])
+    assert loss.item() == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    assert torch.equal(claimed, want_claimed)
+    assert not claimed[0, 0]  # an unowned group never claims, whatever its content says
+    assert 0 < len(terms) < len(leads) + 1
+    loss.backward()
+    assert feat.grad.abs().sum() > 0 and content.grad is None and nouns.grad is None
+
+
+def test_content_claim_loss_no_nouns_and_shape_errors():
+    feat = torch.randn(2, 3, 4, requires_grad=True)
+    owned = torch.ones(2, 3, dtype=torch.bool)
+    loss, claimed = losses.content_claim_loss(feat, owned, torch.randn(2, 3, 4),
+                                              torch.randn(2, 2, 4),
+                                              torch.zeros(2, 2, dtype=torch.bool),
+                                              torch.tensor(1.0))
+    assert loss.item() == 0.0 and not claimed.any()
+    loss.backward()
+    with pytest.raises(ValueError, match="content_feat"):
+        losses.content_claim_loss(feat, owned, torch.randn(2, 2, 4), torch.randn(2, 2, 4),
+                                  owned[:, :2], torch.tensor(1.0))
+
+
+def test_group_mosaics_tile_each_group_with_its_own_patches():
+    """Each owned group's mosaic is made of that group's patches only (chained through both
+    stages' hard maps), at the patch-aligned size; unowned groups get none."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    m = gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, content_claim_weight=1.0)))
+    B, N = 2, 16  # 32x32 image, patch 8
+    # every patch a constant colour equal to its index, so a tile tells where it came from
+    img = torch.arange(N, dtype=torch.float32).reshape(1, 1, 4, 1, 4, 1) \
+        .expand(B, 3, 4, 8, 4, 8).reshape(B, 3, 32, 32).clone()
+    img[1] += 100
+    s1 = torch.zeros(B, 4, N)
+    s1[:, 0, :5], s1[:, 1, 5:9], s1[:, 3, 9:] = 1, 1, 1  # stage-1 group 2 owns nothing
+    s2 = torch.zeros(B, 2, 4)
+    s2[:, 0, [0, 2]], s2[:, 1, [1, 3]] = 1, 1
+    s2[1, :, :] = 0
+    s2[1, 1, :] = 1  # image 1: final group 0 owns nothing
+    attn = [{"hard": s1[:, None]}, {"hard": s2[:, None]}]
+    owned = m.owned_groups(attn)
+    assert owned.tolist() == [[True, True], [False, True]]
+    mos, bi, gi = m.group_mosaics(img, attn, owned)
+    assert mos.shape == (3, 3, 32, 32) and bi.tolist() == [0, 0, 1] and gi.tolist() == [0, 1, 1]
+    # [M,3,32,32] -> [M,3,4,8,4,8]: every tile constant, with a value from its group
+    tiles = mos.reshape(3, 3, 4, 8, 4, 8)
+    vals = tiles[:, 0, :, 0, :, 0].reshape(3, N)
+    assert torch.equal(tiles, vals.reshape(3, 1, 4, 1, 4, 1).expand_as(tiles))
+    assert set(vals[0].long().tolist()) <= set(range(5))
+    assert set(vals[1].long().tolist()) <= set(range(5, N))
+    assert set(vals[2].long().tolist()) <= set(range(100, 100 + N))
+
+
+def test_model_content_claim_option():
+    """The option adds 'content_claim_loss' (and flat_rows='content' flattens the unclaimed
+    owned groups), keeps the checkpoint keys official, reads the teacher in eval mode without
+    touching BN statistics, and leaves the model in training mode."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    torch.manual_seed(0)
+    off = gf.build_model(ModelConfig.from_dict(_GROUP_LOSS_MODEL)).train()
+    on = gf.build_model(ModelConfig.from_dict(dict(
+        _GROUP_LOSS_MODEL, content_claim_weight=1.0, content_claim_images=3,
+        flat_loss_weight=1.0, flat_rows="content"))).train()
+    assert off.state_dict().keys() == on.state_dict().keys()
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    bn = next(mod for mod in on.img_projector.modules() if isinstance(mod, torch.nn.BatchNorm1d))
+    calls = []
+    on.group_content = (lambda f: lambda *a: calls.append(a[0].shape[0]) or f(*a))(
+        on.group_content)
+    out = on(img, txt)
+    assert calls == [3]  # content_claim_images
+    assert bn.num_batches_tracked.item() == 1  # the student's forward only
+    assert on.training and all(mod.training for mod in on.modules())
+    assert set(out) == {"loss", "multi_label_loss", "content_claim_loss", "flat_loss"}
+    (out["content_claim_loss"] + out["flat_loss"]).backward()
+    assert on.img_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    for bad, match in [(dict(flat_loss_weight=1.0, flat_rows="content"), "content_claim_weight"),
+                       (dict(content_claim_weight=-1.0), "content_claim_weight"),
+                       (dict(content_claim_weight=1.0, content_claim_images=0),
+                        "content_claim_images")]:
+        with pytest.raises(ValueError, match=match):
+            gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, **bad)))

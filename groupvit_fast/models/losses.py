@@ -299,6 +299,57 @@ def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: t
         return -claim[rows].mean()
 
 
+def content_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, content_feat: torch.Tensor,
+                       noun_feat: torch.Tensor, valid: torch.Tensor, logit_scale: torch.Tensor,
+                       margin: float = 0.1):
+    """Content claim loss: a recipe option, *not* part of the paper.
+
+    Every group token attends to the whole scene, so which of an image's groups carries a
+    caption noun is not tied to the group's pixels: measured on the embedded recipe, about half
+    the seeds settle with the *background* group named after the object and the object's group
+    flat (the protocol then paints the class over the background). ``content_feat`` is the
+    model's own reading of each group's pixels alone (the pooled embedding of an image tiled
+    with that group's patches, no gradient); per image and caption noun, the group whose pixels
+    match the noun best is its claimant, and the group tokens must agree: a softmax over the
+    image's owned groups of s·<ĝ, n̂> with the claimant as target. Scores are compared within an
+    image, so an offset shared by all the teacher's embeddings does not move the choice. Only
+    (image, noun) pairs whose claimant leads the runner-up by ``margin`` in cosine take part: an
+    untrained teacher's near-ties are noise, and a CE to noisy targets is met best by making
+    every group alike. The nouns are targets here, not trained (through this term the prompts
+    collapsed onto one direction in a measured run).
+
+    group_feat [B,G,D] projected group tokens; owned [B,G] bool; content_feat [B,G,D] (rows of
+    unowned groups are ignored); noun_feat [B,K,D] projected noun prompts; valid [B,K] bool.
+    Returns (loss, claimed [B,G] bool: owned groups that are some valid noun's claimant)."""
+    if group_feat.ndim != 3 or content_feat.shape != group_feat.shape or noun_feat.ndim != 3 \
+            or owned.shape != group_feat.shape[:2] or valid.shape != noun_feat.shape[:2] \
+            or group_feat.shape[0] != noun_feat.shape[0]:
+        raise ValueError(f"content_claim_loss: expected group_feat [B,G,D], owned [B,G], "
+                         f"content_feat [B,G,D], noun_feat [B,K,D], valid [B,K]; got "
+                         f"{tuple(group_feat.shape)}, {tuple(owned.shape)}, "
+                         f"{tuple(content_feat.shape)}, {tuple(noun_feat.shape)}, "
+                         f"{tuple(valid.shape)}")
+    with torch.autocast(group_feat.device.type, enabled=False):
+        s = torch.as_tensor(logit_scale, device=group_feat.device).float()
+        n = F.normalize(_fp32(noun_feat), dim=-1).detach()  # [B,K,D]
+        with torch.no_grad():
+            teach = torch.einsum("bgd,bkd->bgk", F.normalize(_fp32(content_feat), dim=-1), n)
+            teach = teach.masked_fill(~owned[:, :, None], float("-inf"))  # [B,G,K]
+            top2 = teach.topk(min(2, teach.shape[1]), dim=1).values  # [B,2,K]
+            claimant = teach.argmax(dim=1)  # [B,K]
+            lead = top2[:, 0] - top2[:, -1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])
+        # images with one owned group have nothing to choose (lead -inf - -inf = nan fails >=)
+        rows = valid & (owned.sum(dim=1, keepdim=True) > 1) & (lead >= margin)  # [B,K]
+        G = owned.shape[1]
+        claimed = (F.one_hot(claimant, G).bool() & rows[..., None]).any(dim=1) & owned  # [B,G]
+        if not bool(rows.any()):
+            return group_feat.sum() * 0.0, claimed
+        logits = torch.einsum("bgd,bkd->bkg", F.normalize(_fp32(group_feat), dim=-1), n) * s
+        logits = logits.masked_fill(~owned[:, None, :], float("-inf"))  # [B,K,G]
+        loss = F.cross_entropy(logits[rows], claimant[rows])
+        return loss, claimed
+
+
 def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Tensor,
                     prompt_valid: torch.Tensor, logit_scale: torch.Tensor):
     """Flatness loss: a recipe option, *not* part of the paper.
@@ -328,4 +379,5 @@ def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Te
 
 
 __all__ = ["image_text_loss", "multi_label_loss", "group_multi_label_loss", "group_claim_loss",
+           "content_claim_loss",
            "claim_log_probs", "flat_class_loss", "row_logsumexp", "set_loss_chunk_size"]

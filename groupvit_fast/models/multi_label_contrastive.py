@@ -11,15 +11,16 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT
 from .layers import Result
-from .losses import (claim_log_probs, flat_class_loss, group_claim_loss, group_multi_label_loss,
-                     image_text_loss, multi_label_loss)
+from .losses import (claim_log_probs, content_claim_loss, flat_class_loss, group_claim_loss,
+                     group_multi_label_loss, image_text_loss, multi_label_loss)
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
 
 #: recipe-option loss weights that read the per-group tokens (not only the pooled embedding), so
 #: an embedding cache of pooled features (GradCache) cannot serve them
-GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight")
+GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight",
+                      "content_claim_weight")
 
 
 def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
@@ -69,7 +70,8 @@ class MultiLabelContrastive(nn.Module):
     def __init__(self, img_encoder, text_encoder, output_dim=256, contrast_temperature=0.07,
                  proj_num_layers=2, multi_label=0, share_temperature=False,
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
-                 claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean"):
+                 claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
+                 content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -121,14 +123,35 @@ class MultiLabelContrastive(nn.Module):
         # claim probability of the background prompt (needs claim_loss_weight > 0)
         if flat_loss_weight < 0:
             raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
-        if flat_rows not in ("mean", "background"):
-            raise ValueError(f"flat_rows must be 'mean' or 'background', got {flat_rows!r}")
+        if flat_rows not in ("mean", "background", "content"):
+            raise ValueError(f"flat_rows must be 'mean', 'background' or 'content', got "
+                             f"{flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
         if flat_loss_weight and flat_rows == "background" and (
                 not claim_loss_weight or claim_background_tokens is None):
             raise ValueError("flat_rows='background' needs claim_loss_weight > 0 and a claim "
                              "background prompt")
+        # recipe option, not in the paper (0 = official): content_claim_loss, each caption noun
+        # must be carried by the group whose pixels alone show it (read by the model itself on
+        # an image tiled with that group's patches); flat_rows='content' then flattens every
+        # owned group that claims no noun
+        if content_claim_weight < 0:
+            raise ValueError(f"content_claim_weight must be >= 0, got {content_claim_weight}")
+        if content_claim_weight and not self.with_multi_label:
+            raise ValueError("content_claim_weight > 0 needs multi_label > 0 (it reads the noun "
+                             "prompts)")
+        if flat_loss_weight and flat_rows == "content" and not content_claim_weight:
+            raise ValueError("flat_rows='content' needs content_claim_weight > 0")
+        self.content_claim_weight = float(content_claim_weight)
+        # the teacher reads one mosaic per owned group (~2 per image): over a whole batch that
+        # costs more than the training step itself, so only the first images of each local
+        # batch (the loader shuffles) take part; None = all
+        if content_claim_images is not None and content_claim_images < 1:
+            raise ValueError(f"content_claim_images must be >= 1 or None, got "
+                             f"{content_claim_images}")
+        self.content_claim_images = content_claim_images
+        self.content_claim_margin = float(content_claim_margin)
         self.flat_loss_weight = float(flat_loss_weight)
         self.flat_rows = flat_rows
 
@@ -222,12 +245,61 @@ class MultiLabelContrastive(nn.Module):
         text_x = emb[:-1].reshape(B, T, -1)  # [B,1+K,D]
         return dict(text_x=text_x[:, 0], text_multi_label_x=text_x[:, 1:]), emb[-1]
 
-    def _flat_loss(self, group_feat, owned, noun_feat, valid, bg_x):
+    def group_mosaics(self, image, attn_dicts, owned):
+        """One image per owned final group, tiled with that group's patches alone (drawn with
+        replacement, positions shuffled): what the group's pixels show without the rest of the
+        scene. image [B,3,H,W], owned [B,G] -> (mosaics [M,3,H',W'], batch index [M], group
+        index [M]) with H', W' the patch-aligned crop the encoder sees."""
+        ph, pw = self.img_encoder.patch_embed.proj.kernel_size
+        own = None  # patches -> final groups, chained like owned_groups
+        for d in attn_dicts:
+            if d is None:
+                continue
+            hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
+            own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
+        B, C, H, W = image.shape
+        h, w = H // ph, W // pw
+        N = h * w
+        if own is None or own.shape[-1] != N:
+            raise ValueError(f"group_mosaics: the assignment covers "
+                             f"{None if own is None else own.shape[-1]} patches, the image {N}")
+        # [B,C,h*ph,w*pw] -> [B,C,h,ph,w,pw] -> [B,h,w,C,ph,pw] -> [B,N,C*ph*pw]
+        patches = image[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw) \
+            .permute(0, 2, 4, 1, 3, 5).reshape(B, N, C * ph * pw)
+        bi, gi = owned.nonzero(as_tuple=True)  # [M], [M]
+        pick = torch.multinomial(own[bi, gi], N, replacement=True)  # [M,N] patch indices
+        tiles = patches[bi[:, None], pick]  # [M,N,C*ph*pw]
+        # [M,N,C*ph*pw] -> [M,h,w,C,ph,pw] -> [M,C,h,ph,w,pw] -> [M,C,h*ph,w*pw]
+        mosaics = tiles.reshape(-1, h, w, C, ph, pw).permute(0, 3, 1, 4, 2, 5) \
+            .reshape(-1, C, h * ph, w * pw)
+        return mosaics, bi, gi
+
+    @torch.no_grad()
+    def group_content(self, image, attn_dicts, owned):
+        """[B,G,D] pooled embedding of each owned group's mosaic (zeros for unowned groups),
+        read in eval mode (running BN statistics, no Gumbel noise, as the protocol reads the
+        model) and without gradient: a teacher, not a second training view."""
+        mosaics, bi, gi = self.group_mosaics(image, attn_dicts, owned)
+        was_training = self.training
+        self.eval()
+        try:
+            emb = self.encode_image(mosaics)  # [M,D]
+        finally:
+            self.train(was_training)
+        out = emb.new_zeros(owned.shape + emb.shape[-1:])  # [B,G,D]
+        out[bi, gi] = emb
+        return out
+
+    def _flat_loss(self, group_feat, owned, noun_feat, valid, bg_x, claimed=None):
         """flat_class_loss rows and weights for ``flat_rows`` (see __init__)."""
         D = group_feat.shape[-1]
         g = F.normalize(group_feat.float(), dim=-1)  # [B,G,D]
         s = self.get_multi_label_logit_scale()
-        if self.flat_rows == "mean":
+        if self.flat_rows == "content":
+            n = claimed.shape[0]  # only the images the content claim read
+            rows = g[:n].reshape(-1, D)  # [n·G,D]
+            weights = (owned[:n] & ~claimed).float().reshape(-1)  # [n·G]
+        elif self.flat_rows == "mean":
             w = owned.float()[..., None]  # [B,G,1]
             rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
             weights = rows.new_ones(1)
@@ -251,7 +323,7 @@ class MultiLabelContrastive(nn.Module):
         img_outs = self.encode_image(image, return_feat=per_group, return_attn=per_group,
                                      as_dict=True)
         image_x = img_outs["image_x"]
-        group_loss = claim_loss = flat_loss = None
+        group_loss = claim_loss = flat_loss = content_loss = claimed = None
         if per_group:
             if "text_multi_label_x" not in text_outs:
                 raise ValueError(f"group_loss_weight / claim_loss_weight need texts [B,1+K,L], "
@@ -264,10 +336,20 @@ class MultiLabelContrastive(nn.Module):
             claim_loss = group_claim_loss(img_outs["image_feat"], owned,
                                           text_outs["text_multi_label_x"], valid, bg_x,
                                           self.get_multi_label_logit_scale())
+        if self.content_claim_weight:
+            n = image.shape[0] if self.content_claim_images is None else \
+                min(image.shape[0], self.content_claim_images)
+            attn_n = [None if d is None else {"hard": d["hard"][:n]}
+                      for d in img_outs["attn_dicts"]]
+            content = self.group_content(image[:n], attn_n, owned[:n])
+            content_loss, claimed = content_claim_loss(
+                img_outs["image_feat"][:n], owned[:n], content,
+                text_outs["text_multi_label_x"][:n], valid[:n],
+                self.get_multi_label_logit_scale(), margin=self.content_claim_margin)
         if flat:
             flat_loss = self._flat_loss(img_outs["image_feat"], owned,
                                         text_outs["text_multi_label_x"], valid,
-                                        bg_x)
+                                        bg_x, claimed)
         if self.group_loss_weight:
             group_loss = group_multi_label_loss(
                 img_outs["image_feat"], owned,
@@ -286,6 +368,8 @@ class MultiLabelContrastive(nn.Module):
             losses["claim_loss"] = claim_loss * self.claim_loss_weight
         if flat_loss is not None:
             losses["flat_loss"] = flat_loss * self.flat_loss_weight
+        if content_loss is not None:
+            losses["content_claim_loss"] = content_loss * self.content_claim_weight
         return losses
 
     def forward_test(self, image, text):
