@@ -217,9 +217,10 @@ class MultiLabelContrastive(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     @staticmethod
-    def owned_groups(attn_dicts) -> torch.Tensor:
-        """[B,G] bool: final groups that own at least one patch under the hard assignments of
-        ``attn_dicts`` (stage maps [B,1,G_l,N_l], chained patches -> stage-1 -> stage-2 groups)."""
+    def patch_owners(attn_dicts) -> torch.Tensor:
+        """[B,G,N] 0/1: which final group owns each patch under the hard assignments of
+        ``attn_dicts`` (stage maps [B,1,G_l,N_l], chained patches -> stage-1 -> stage-2 groups),
+        without gradient."""
         own = None
         for d in attn_dicts:
             if d is None:
@@ -227,8 +228,13 @@ class MultiLabelContrastive(nn.Module):
             hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
             own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
         if own is None:
-            raise ValueError("owned_groups: the image encoder has no grouping stage")
-        return own.sum(dim=-1) > 0.5
+            raise ValueError("the image encoder has no grouping stage")
+        return own
+
+    @staticmethod
+    def owned_groups(attn_dicts) -> torch.Tensor:
+        """[B,G] bool: final groups that own at least one patch (``patch_owners``)."""
+        return MultiLabelContrastive.patch_owners(attn_dicts).sum(dim=-1) > 0.5
 
     def _encode_text_and_background(self, text):
         """Texts [B,1+K,L] and the claim background prompt in one text-encoder call (its BN
@@ -251,18 +257,13 @@ class MultiLabelContrastive(nn.Module):
         scene. image [B,3,H,W], owned [B,G] -> (mosaics [M,3,H',W'], batch index [M], group
         index [M]) with H', W' the patch-aligned crop the encoder sees."""
         ph, pw = self.img_encoder.patch_embed.proj.kernel_size
-        own = None  # patches -> final groups, chained like owned_groups
-        for d in attn_dicts:
-            if d is None:
-                continue
-            hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
-            own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
+        own = self.patch_owners(attn_dicts)  # [B,G,N]
         B, C, H, W = image.shape
         h, w = H // ph, W // pw
         N = h * w
-        if own is None or own.shape[-1] != N:
-            raise ValueError(f"group_mosaics: the assignment covers "
-                             f"{None if own is None else own.shape[-1]} patches, the image {N}")
+        if own.shape[-1] != N:
+            raise ValueError(f"group_mosaics: the assignment covers {own.shape[-1]} patches, "
+                             f"the image {N}")
         # [B,C,h*ph,w*pw] -> [B,C,h,ph,w,pw] -> [B,h,w,C,ph,pw] -> [B,N,C*ph*pw]
         patches = image[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw) \
             .permute(0, 2, 4, 1, 3, 5).reshape(B, N, C * ph * pw)
