@@ -35,6 +35,7 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     from groupvit_fast.seg.datasets import build_dataset
     from groupvit_fast.seg.metrics import IoUAccumulator
     from groupvit_fast.seg.segmenter import ZeroShotSegmenter
+    from groupvit_fast.seg.transforms import feat_grid
     val = build_dataset("synthetic", None, split="val", **(dataset_kw or {}))
     names = list(val.class_names)
     C = len(names)
@@ -52,36 +53,30 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
             chunk = samples[c0:c0 + 50]
             xs = [seg.preprocess(s[0])[0] for s in chunk]
             per_image = seg._fast_encode(xs)
-            pooled = F.normalize(model.encode_image(torch.stack(xs)), dim=-1)
+            # one pass for the pooled embedding and the stage-1 hard maps
+            enc = model.encode_image(torch.stack(xs), return_attn=True, as_dict=True)
+            pooled = F.normalize(enc["image_x"], dim=-1)
             pooled_cls = (pooled @ seg.text_embedding.T).argmax(-1) + 1
-            first = model.img_encoder(torch.stack(xs), return_attn=True,
-                                      as_dict=True)["attn_dicts"][0]["hard"][:, 0]  # [B,G1,N]
-            for (img, mask), wins, pc, h1 in zip(chunk, per_image, pooled_cls, first):
+            first = enc["attn_dicts"][0]["hard"][:, 0]  # [B,1,G1,N] -> [B,G1,N]
+            for (img, mask), x, wins, pc, h1 in zip(chunk, xs, per_image, pooled_cls, first):
                 mask = np.asarray(mask).astype(np.int64)
+                classes = set(np.unique(mask).tolist()) - {0}
+                single = len(classes) == 1
                 (_, gidx, P) = wins[0]
-                g = gidx.cpu().numpy()
-                if g.shape != mask.shape:  # nearest resize of the group map to the mask
-                    t = torch.from_numpy(g)[None, None].float()
-                    g = F.interpolate(t, size=mask.shape, mode="nearest")[0, 0].long().numpy()
+                g = to_mask(gidx, mask.shape)
                 Pm = P.cpu().numpy()  # [G,N_fg]
-                pred_or = np.zeros_like(mask)
+                pred_or, majority = majority_labels(g, mask, C)
                 pred_obg = np.zeros_like(mask)
                 gs = np.unique(g)
                 used.append(len(gs))
-                single = len(set(np.unique(mask).tolist()) - {0}) == 1
-                # stage-1 groups on the patch grid, nearest-upsampled to the mask
-                gh, gw = seg_grid(h1.shape[-1], mask.shape)
-                g1 = h1.argmax(0).reshape(1, 1, gh, gw).float()
-                g1 = F.interpolate(g1, size=mask.shape, mode="nearest")[0, 0].long().numpy()
-                pred1 = np.zeros_like(mask)
+                # stage-1 groups on the encoder's token grid
+                gh, gw = feat_grid(*x.shape[-2:], h1.shape[-1])
+                g1 = to_mask(h1.argmax(0).reshape(gh, gw), mask.shape)
                 used1.append(len(np.unique(g1)))
-                for k in np.unique(g1):
-                    pred1[g1 == k] = np.bincount(mask[g1 == k], minlength=C).argmax()
-                oracle1.update(pred1, mask)
+                oracle1.update(majority_labels(g1, mask, C)[0], mask)
                 for k in gs:
                     sel = g == k
-                    maj = int(np.bincount(mask[sel], minlength=C).argmax())
-                    pred_or[sel] = maj
+                    maj = majority[k]
                     best = float(Pm[k].max())
                     if maj > 0:
                         n_fg_groups += 1
@@ -97,8 +92,7 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                             bgP1.append(best)
                 oracle.update(pred_or, mask)
                 oracle_bg.update(pred_obg, mask)
-                classes = set(np.unique(mask).tolist()) - {0}
-                if len(classes) == 1:
+                if single:
                     pooled_n += 1
                     pooled_ok += int(pc) in classes
     med = lambda v: float(np.median(v)) if v else float("nan")  # noqa: E731
@@ -123,13 +117,22 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     return out
 
 
-def seg_grid(n_tokens: int, mask_shape) -> tuple:
-    """The patch grid (h, w) of n_tokens tokens for an image of mask_shape's aspect ratio."""
-    H, W = mask_shape
-    h = int(round((n_tokens * H / W) ** 0.5))
-    if h < 1 or n_tokens % h:
-        raise ValueError(f"groups_diag: {n_tokens} tokens do not tile a {H}x{W} image")
-    return h, n_tokens // h
+def to_mask(gmap: torch.Tensor, shape) -> np.ndarray:
+    """Group index map [h,w] at the mask's size (nearest)."""
+    if tuple(gmap.shape) != tuple(shape):
+        gmap = F.interpolate(gmap[None, None].float(), size=shape, mode="nearest")[0, 0]
+    return gmap.long().cpu().numpy()
+
+
+def majority_labels(g: np.ndarray, mask: np.ndarray, n_classes: int):
+    """Every group of the index map g labelled with its pixels' true majority class: (label map
+    like mask, {group: class})."""
+    pred, majority = np.zeros_like(mask), {}
+    for k in np.unique(g):
+        sel = g == k
+        majority[k] = int(np.bincount(mask[sel], minlength=n_classes).argmax())
+        pred[sel] = majority[k]
+    return pred, majority
 
 
 def main(argv=None):

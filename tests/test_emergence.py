@@ -106,7 +106,8 @@ def test_held_out_scenes_follow_the_training_generator():
 
 def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
     """bench/groups_diag.py: the oracles are mIoUs, the stage-1 group count is bounded by the
-    stage-1 tokens, and a token count that tiles no grid is an error, not a silent reshape."""
+    stage-1 tokens, groups are labelled by their true majority, and a token count that tiles no
+    grid is an error, not a silent reshape."""
     import importlib.util
     monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location(
@@ -118,6 +119,15 @@ def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
     for k in ("oracle", "oracle stage 1"):
         assert 0.0 < out[k] <= 100.0
     assert 1.0 <= out["stage-1 groups"] <= 8 and 1.0 <= out["groups"] <= 4
-    assert diag.seg_grid(64, (64, 64)) == (8, 8) and diag.seg_grid(32, (32, 64)) == (4, 8)
-    with pytest.raises(ValueError, match="do not tile"):
-        diag.seg_grid(63, (64, 64))
+    # the stage-1 maps go through the segmenter's token-grid rule, which refuses a bad count
+    from groupvit_fast.seg.transforms import feat_grid
+    assert feat_grid(64, 64, 64) == (8, 8) and feat_grid(32, 64, 32) == (4, 8)
+    with pytest.raises(ValueError, match="do not form a token grid"):
+        feat_grid(64, 64, 63)
+    # majority labels by hand: group 0 mostly class 2, group 1 all background
+    g = np.array([[0, 0, 1], [0, 1, 1]])
+    mask = np.array([[2, 2, 0], [1, 0, 0]])
+    pred, maj = diag.majority_labels(g, mask, 3)
+    assert maj == {0: 2, 1: 0} and pred.tolist() == [[2, 2, 0], [2, 0, 0]]
+    up = diag.to_mask(torch.tensor([[0, 1], [2, 3]]), (4, 4))
+    assert up.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
