@@ -542,7 +542,7 @@ def test_group_mosaics_tile_each_group_with_its_own_patches():
     attn = [{"hard": s1[:, None]}, {"hard": s2[:, None]}]
     owned = m.owned_groups(attn)
     assert owned.tolist() == [[True, True], [False, True]]
-    mos, bi, gi = m.group_mosaics(img, attn, owned)
+    mos, bi, gi = m.group_mosaics(img, m.patch_owners(attn))
     assert mos.shape == (3, 3, 32, 32) and bi.tolist() == [0, 0, 1] and gi.tolist() == [0, 1, 1]
     # [M,3,32,32] -> [M,3,4,8,4,8]: every tile constant, with a value from its group
     tiles = mos.reshape(3, 3, 4, 8, 4, 8)

@@ -207,12 +207,8 @@ class PatchEmbed(nn.Module):
         if (kh, kw) != (sh, sw) or pad != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1):
             x = conv(x)  # [B,C,h,w]
             return x.flatten(2).transpose(1, 2), x.shape[2:]  # [B,C,h,w] -> [B,h*w,C]
-        B, Cin, H, W = x.shape
-        h, w = H // kh, W // kw  # the convolution drops a remainder narrower than a patch too
-        x = x[:, :, :h * kh, :w * kw]
-        # [B,Cin,h*kh,w*kw] -> [B,Cin,h,kh,w,kw] -> [B,h,w,Cin,kh,kw] -> [B,h*w,Cin*kh*kw]
-        x = x.reshape(B, Cin, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, Cin * kh * kw)
-        weight = conv.weight.reshape(conv.out_channels, Cin * kh * kw)  # [C,Cin,kh,kw] -> [C,Cin*kh*kw]
+        x, (h, w) = patchify(x, kh, kw)  # [B,h*w,Cin*kh*kw]
+        weight = conv.weight.reshape(conv.out_channels, -1)  # [C,Cin,kh,kw] -> [C,Cin*kh*kw]
         return F.linear(x, weight, conv.bias), torch.Size((h, w))
 
     def forward(self, x):
@@ -225,6 +221,23 @@ class PatchEmbed(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return x, hw_shape
+
+
+def patchify(x: torch.Tensor, kh: int, kw: int):
+    """Non-overlapping kh x kw patches as rows: [B,C,H,W] -> ([B,h*w,C*kh*kw], (h, w)), row-major
+    over the grid, each row in the (C, kh, kw) order of a Conv2d weight. A remainder narrower than
+    a patch is dropped, as the stride-kh convolution drops it."""
+    B, C, H, W = x.shape
+    h, w = H // kh, W // kw
+    x = x[:, :, :h * kh, :w * kw]
+    # [B,C,h*kh,w*kw] -> [B,C,h,kh,w,kw] -> [B,h,w,C,kh,kw] -> [B,h*w,C*kh*kw]
+    return x.reshape(B, C, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * kh * kw), (h, w)
+
+
+def unpatchify(rows: torch.Tensor, h: int, w: int, C: int, kh: int, kw: int) -> torch.Tensor:
+    """Inverse of ``patchify``: [B,h*w,C*kh*kw] -> [B,C,h*kh,w*kw]."""
+    # [B,h*w,C*kh*kw] -> [B,h,w,C,kh,kw] -> [B,C,h,kh,w,kw] -> [B,C,h*kh,w*kw]
+    return rows.reshape(-1, h, w, C, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(-1, C, h * kh, w * kw)
 
 
 def _per_stage(value, n_stages: int, name: str, scalar_types) -> list:

@@ -337,7 +337,7 @@ def content_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, content_fe
             teach = teach.masked_fill(~owned[:, :, None], float("-inf"))  # [B,G,K]
             top2 = teach.topk(min(2, teach.shape[1]), dim=1).values  # [B,2,K]
             claimant = teach.argmax(dim=1)  # [B,K]
-            lead = top2[:, 0] - top2[:, -1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])
+            lead = top2[:, 0] - top2[:, -1]  # [B,K]; with G == 1 the one column against itself
         # images with one owned group have nothing to choose (lead -inf - -inf = nan fails >=)
         rows = valid & (owned.sum(dim=1, keepdim=True) > 1) & (lead >= margin)  # [B,K]
         G = owned.shape[1]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .group_vit import GroupViT
+from .group_vit import GroupViT, patchify, unpatchify
 from .layers import Result
 from .losses import (claim_log_probs, content_claim_loss, flat_class_loss, group_claim_loss,
                      group_multi_label_loss, image_text_loss, multi_label_loss)
@@ -232,9 +232,12 @@ class MultiLabelContrastive(nn.Module):
         return own
 
     @staticmethod
-    def owned_groups(attn_dicts) -> torch.Tensor:
-        """[B,G] bool: final groups that own at least one patch (``patch_owners``)."""
-        return MultiLabelContrastive.patch_owners(attn_dicts).sum(dim=-1) > 0.5
+    def owned_groups(attn_dicts=None, *, owners=None) -> torch.Tensor:
+        """[B,G] bool: final groups that own at least one patch, from ``attn_dicts`` or from
+        their ``patch_owners`` already chained."""
+        if owners is None:
+            owners = MultiLabelContrastive.patch_owners(attn_dicts)
+        return owners.sum(dim=-1) > 0.5
 
     def _encode_text_and_background(self, text):
         """Texts [B,1+K,L] and the claim background prompt in one text-encoder call (its BN
@@ -251,43 +254,35 @@ class MultiLabelContrastive(nn.Module):
         text_x = emb[:-1].reshape(B, T, -1)  # [B,1+K,D]
         return dict(text_x=text_x[:, 0], text_multi_label_x=text_x[:, 1:]), emb[-1]
 
-    def group_mosaics(self, image, attn_dicts, owned):
+    def group_mosaics(self, image, owners):
         """One image per owned final group, tiled with that group's patches alone (drawn with
         replacement, positions shuffled): what the group's pixels show without the rest of the
-        scene. image [B,3,H,W], owned [B,G] -> (mosaics [M,3,H',W'], batch index [M], group
-        index [M]) with H', W' the patch-aligned crop the encoder sees."""
+        scene. image [B,3,H,W], owners [B,G,N] (``patch_owners``) -> (mosaics [M,3,H',W'],
+        batch index [M], group index [M]) with H', W' the patch-aligned crop the encoder sees."""
         ph, pw = self.img_encoder.patch_embed.proj.kernel_size
-        own = self.patch_owners(attn_dicts)  # [B,G,N]
-        B, C, H, W = image.shape
-        h, w = H // ph, W // pw
+        patches, (h, w) = patchify(image, ph, pw)  # [B,N,C*ph*pw]
         N = h * w
-        if own.shape[-1] != N:
-            raise ValueError(f"group_mosaics: the assignment covers {own.shape[-1]} patches, "
+        if owners.shape[-1] != N:
+            raise ValueError(f"group_mosaics: the assignment covers {owners.shape[-1]} patches, "
                              f"the image {N}")
-        # [B,C,h*ph,w*pw] -> [B,C,h,ph,w,pw] -> [B,h,w,C,ph,pw] -> [B,N,C*ph*pw]
-        patches = image[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw) \
-            .permute(0, 2, 4, 1, 3, 5).reshape(B, N, C * ph * pw)
-        bi, gi = owned.nonzero(as_tuple=True)  # [M], [M]
-        pick = torch.multinomial(own[bi, gi], N, replacement=True)  # [M,N] patch indices
+        bi, gi = self.owned_groups(owners=owners).nonzero(as_tuple=True)  # [M], [M]
+        pick = torch.multinomial(owners[bi, gi], N, replacement=True)  # [M,N] patch indices
         tiles = patches[bi[:, None], pick]  # [M,N,C*ph*pw]
-        # [M,N,C*ph*pw] -> [M,h,w,C,ph,pw] -> [M,C,h,ph,w,pw] -> [M,C,h*ph,w*pw]
-        mosaics = tiles.reshape(-1, h, w, C, ph, pw).permute(0, 3, 1, 4, 2, 5) \
-            .reshape(-1, C, h * ph, w * pw)
-        return mosaics, bi, gi
+        return unpatchify(tiles, h, w, image.shape[1], ph, pw), bi, gi
 
     @torch.no_grad()
-    def group_content(self, image, attn_dicts, owned):
+    def group_content(self, image, owners):
         """[B,G,D] pooled embedding of each owned group's mosaic (zeros for unowned groups),
         read in eval mode (running BN statistics, no Gumbel noise, as the protocol reads the
         model) and without gradient: a teacher, not a second training view."""
-        mosaics, bi, gi = self.group_mosaics(image, attn_dicts, owned)
+        mosaics, bi, gi = self.group_mosaics(image, owners)
         was_training = self.training
         self.eval()
         try:
             emb = self.encode_image(mosaics)  # [M,D]
         finally:
             self.train(was_training)
-        out = emb.new_zeros(owned.shape + emb.shape[-1:])  # [B,G,D]
+        out = emb.new_zeros(owners.shape[:2] + emb.shape[-1:])  # [B,G,D]
         out[bi, gi] = emb
         return out
 
@@ -332,7 +327,8 @@ class MultiLabelContrastive(nn.Module):
             # prompts that are copies of the caption (captions with fewer than K nouns) name
             # the whole scene, not one object: left out
             valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
-            owned = self.owned_groups(img_outs["attn_dicts"])
+            owners = self.patch_owners(img_outs["attn_dicts"])  # [B,G,N]
+            owned = self.owned_groups(owners=owners)
         if claim:
             claim_loss = group_claim_loss(img_outs["image_feat"], owned,
                                           text_outs["text_multi_label_x"], valid, bg_x,
@@ -340,9 +336,7 @@ class MultiLabelContrastive(nn.Module):
         if self.content_claim_weight:
             n = image.shape[0] if self.content_claim_images is None else \
                 min(image.shape[0], self.content_claim_images)
-            attn_n = [None if d is None else {"hard": d["hard"][:n]}
-                      for d in img_outs["attn_dicts"]]
-            content = self.group_content(image[:n], attn_n, owned[:n])
+            content = self.group_content(image[:n], owners[:n])
             content_loss, claimed = content_claim_loss(
                 img_outs["image_feat"][:n], owned[:n], content,
                 text_outs["text_multi_label_x"][:n], valid[:n],
