@@ -85,6 +85,11 @@ class ModelConfig:
     #: (image, noun) pairs take part only where the claimant's content leads the runner-up by
     #: this cosine margin
     content_claim_margin: float = 0.1
+    #: assignment-information loss (losses.assign_info_loss) on the soft assignment of the
+    #: grouping stages in assign_info_stages (0 = the first): sharp per-token assignments that
+    #: share each image among the groups; 0 = official. A recipe option (README)
+    assign_info_weight: float = 0.0
+    assign_info_stages: List[int] = dataclasses.field(default_factory=lambda: [0])
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -100,7 +105,9 @@ class ModelConfig:
                     flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows,
                     content_claim_weight=self.content_claim_weight,
                     content_claim_images=self.content_claim_images,
-                    content_claim_margin=self.content_claim_margin)
+                    content_claim_margin=self.content_claim_margin,
+                    assign_info_weight=self.assign_info_weight,
+                    assign_info_stages=list(self.assign_info_stages))
 
     def _claim_tokens(self):
         if not self.claim_loss_weight or not self.claim_background_prompt:

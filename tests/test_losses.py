@@ -586,3 +586,71 @@ def test_model_content_claim_option():
                         "content_claim_images")]:
         with pytest.raises(ValueError, match=match):
             gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, **bad)))
+
+
+def test_assign_info_loss_matches_naive_and_its_extremes():
+    """1 - I(token; group)/log S per image, against a float64 loop; 0 for a sharp, balanced
+    assignment, 1 for a uniform one and for one group taking every token."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    soft = torch.softmax(logits, dim=1)  # [B,S,N]
+    out = losses.assign_info_loss(soft)
+    want = []
+    for b in range(3):
+        p = soft[b].detach()
+        cond = sum(-float((p[:, n] * p[:, n].log()).sum()) for n in range(7)) / 7
+        pbar = p.mean(dim=1)
+        want.append(1 - (-float((pbar * pbar.log()).sum()) - cond) / math.log(5))
+    assert out.item() == pytest.approx(sum(want) / 3, rel=1e-6)
+    out.backward()
+    assert logits.grad.abs().max() > 0
+    sharp = F.one_hot(torch.arange(8) % 4, 4).T[None].float()  # 8 tokens, 2 per group
+    assert abs(losses.assign_info_loss(sharp).item()) < 1e-5
+    assert losses.assign_info_loss(torch.full((2, 4, 8), 0.25)).item() == pytest.approx(1.0)
+    one = torch.zeros(1, 4, 8)
+    one[:, 0] = 1
+    assert losses.assign_info_loss(one).item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match=r"soft \[B,S,N\]"):
+        losses.assign_info_loss(torch.rand(4, 8))
+
+
+def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
+    """The option adds assign_info_loss on the stages it names, computed from the noise-free
+    softmax of the assignment logits (the training maps' 'soft' recomputed with gradient), and
+    its gradient reaches the assignment projections; checkpoint keys stay official."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    torch.manual_seed(0)
+    off = gf.build_model(ModelConfig.from_dict(_GROUP_LOSS_MODEL)).train()
+    on = gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=0.5,
+                                                   assign_info_stages=[1]))).train()
+    assert off.state_dict().keys() == on.state_dict().keys()
+    on.load_state_dict(off.state_dict())
+    asg = [l.downsample.assign for l in on.img_encoder.layers if l.downsample is not None]
+    assert [a.track_soft for a in asg] == [False, True]
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    torch.manual_seed(1)
+    out = on(img, txt)
+    torch.manual_seed(1)
+    ref = off(img, txt)
+    for k in ref:  # the option changes no other term
+        torch.testing.assert_close(out[k], ref[k])
+    res = on.img_encoder(img, return_attn=True, as_dict=True)
+    d = [x for x in res["attn_dicts"] if x is not None][1]
+    torch.testing.assert_close(d["soft_grad"], d["soft"][:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["assign_info_loss"],
+                               0.5 * losses.assign_info_loss(d["soft_grad"]))
+    on.zero_grad()
+    out["assign_info_loss"].backward()
+    assert asg[1].q_proj.weight.grad.abs().sum() > 0
+    on.eval()
+    ev = on.img_encoder(img, return_attn=True, as_dict=True)["attn_dicts"]
+    assert all("soft_grad" not in x for x in ev if x is not None)  # eval maps stay official
+    with pytest.raises(ValueError, match="assign_info_stages"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=1.0,
+                                                  assign_info_stages=[2])))
+    with pytest.raises(ValueError, match="assign_info_weight"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=-1.0)))

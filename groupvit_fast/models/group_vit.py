@@ -46,6 +46,9 @@ class AssignAttention(nn.Module):
         self.gumbel_tau = gumbel_tau
         self.assign_eps = assign_eps
         self.cosine = bool(cosine)
+        # set by MultiLabelContrastive when its assignment-information loss reads this stage:
+        # the training attn_dict then also carries the differentiable soft assignment
+        self.track_soft = False
 
     def forward(self, query, key, *, return_attn=False):
         q = self.q_proj(query)  # [B,S,C]
@@ -70,6 +73,11 @@ class AssignAttention(nn.Module):
             out, hard_map, soft_map = res
             # official maps carry a head axis: [B,S,N] -> [B,1,S,N]
             attn_dict = {"hard": hard_map.unsqueeze(1), "soft": soft_map.unsqueeze(1)}
+            if self.track_soft and self.training:
+                # the fused op's maps carry no gradient and the loss needs one, so the
+                # noise-free softmax over groups is recomputed here (B·S·N, a few % of the op)
+                logits = torch.einsum("bsc,bnc->bsn", q.float(), k.float()) * self.scale
+                attn_dict["soft_grad"] = torch.softmax(logits, dim=1)  # [B,S,N]
         else:
             out = res
         return self.proj_drop(self.proj(out)), attn_dict

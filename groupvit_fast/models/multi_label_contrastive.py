@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .group_vit import GroupViT, patchify, unpatchify
 from .layers import Result
 from .losses import (claim_log_probs, content_claim_loss, flat_class_loss, group_claim_loss,
-                     group_multi_label_loss, image_text_loss, multi_label_loss)
+                     group_multi_label_loss, image_text_loss, assign_info_loss, multi_label_loss)
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
@@ -20,7 +20,7 @@ MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
 #: recipe-option loss weights that read the per-group tokens (not only the pooled embedding), so
 #: an embedding cache of pooled features (GradCache) cannot serve them
 GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight",
-                      "content_claim_weight")
+                      "content_claim_weight", "assign_info_weight")
 
 
 def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
@@ -71,7 +71,8 @@ class MultiLabelContrastive(nn.Module):
                  proj_num_layers=2, multi_label=0, share_temperature=False,
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
                  claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
-                 content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1):
+                 content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1,
+                 assign_info_weight=0.0, assign_info_stages=(0,)):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -154,6 +155,20 @@ class MultiLabelContrastive(nn.Module):
         self.content_claim_margin = float(content_claim_margin)
         self.flat_loss_weight = float(flat_loss_weight)
         self.flat_rows = flat_rows
+        # recipe option, not in the paper (0 = official): assign_info_loss on the soft
+        # assignment of the grouping stages listed in assign_info_stages (0 = the first)
+        if assign_info_weight < 0:
+            raise ValueError(f"assign_info_weight must be >= 0, got {assign_info_weight}")
+        self.assign_info_weight = float(assign_info_weight)
+        self.assign_info_stages = tuple(int(i) for i in assign_info_stages)
+        assigns = [layer.downsample.assign for layer in self.img_encoder.layers
+                   if layer.downsample is not None]
+        bad = [i for i in self.assign_info_stages if not 0 <= i < len(assigns)]
+        if bad or not self.assign_info_stages:
+            raise ValueError(f"assign_info_stages must name grouping stages 0..{len(assigns) - 1}, "
+                             f"got {list(assign_info_stages)}")
+        for i in self.assign_info_stages:
+            assigns[i].track_soft = bool(self.assign_info_weight)
 
     @property
     def with_multi_label(self):
@@ -310,16 +325,22 @@ class MultiLabelContrastive(nn.Module):
     def forward_train(self, image, text):
         claim = bool(self.claim_loss_weight)
         flat = bool(self.flat_loss_weight)
-        per_group = any(getattr(self, opt) for opt in GROUP_TOKEN_LOSSES)
+        # the group-token losses read the projected groups (projected with the pooled rows in
+        # one call, so BN sees both); the assignment-information loss reads only the maps
+        per_group = bool(self.group_loss_weight or claim or flat or self.content_claim_weight)
         bg_x = None
         if claim and self.claim_background_tokens is not None:
             text_outs, bg_x = self._encode_text_and_background(text)
         else:
             text_outs = self.encode_text(text, as_dict=True)
-        img_outs = self.encode_image(image, return_feat=per_group, return_attn=per_group,
+        img_outs = self.encode_image(image, return_feat=per_group,
+                                     return_attn=per_group or bool(self.assign_info_weight),
                                      as_dict=True)
         image_x = img_outs["image_x"]
         group_loss = claim_loss = flat_loss = content_loss = claimed = None
+        if self.assign_info_weight:
+            stages = [d for d in img_outs["attn_dicts"] if d is not None]
+            info = sum(assign_info_loss(stages[i]["soft_grad"]) for i in self.assign_info_stages)
         if per_group:
             if "text_multi_label_x" not in text_outs:
                 raise ValueError(f"group_loss_weight / claim_loss_weight need texts [B,1+K,L], "
@@ -365,6 +386,8 @@ class MultiLabelContrastive(nn.Module):
             losses["flat_loss"] = flat_loss * self.flat_loss_weight
         if content_loss is not None:
             losses["content_claim_loss"] = content_loss * self.content_claim_weight
+        if self.assign_info_weight:
+            losses["assign_info_loss"] = info * self.assign_info_weight
         return losses
 
     def forward_test(self, image, text):
