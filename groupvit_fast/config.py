@@ -90,6 +90,8 @@ class ModelConfig:
     #: share each image among the groups; 0 = official. A recipe option (README)
     assign_info_weight: float = 0.0
     assign_info_stages: List[int] = dataclasses.field(default_factory=lambda: [0])
+    #: weight of the H(mean) (share the image) term; 0 = sharpness only
+    assign_info_balance: float = 1.0
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -107,7 +109,8 @@ class ModelConfig:
                     content_claim_images=self.content_claim_images,
                     content_claim_margin=self.content_claim_margin,
                     assign_info_weight=self.assign_info_weight,
-                    assign_info_stages=list(self.assign_info_stages))
+                    assign_info_stages=list(self.assign_info_stages),
+                    assign_info_balance=self.assign_info_balance)
 
     def _claim_tokens(self):
         if not self.claim_loss_weight or not self.claim_background_prompt:

@@ -610,6 +610,10 @@ def test_assign_info_loss_matches_naive_and_its_extremes():
     one = torch.zeros(1, 4, 8)
     one[:, 0] = 1
     assert losses.assign_info_loss(one).item() == pytest.approx(1.0, abs=1e-5)
+    # balance 0: sharpness alone, so one group taking every token costs nothing either
+    assert abs(losses.assign_info_loss(one, balance=0.0).item()) < 1e-5
+    assert losses.assign_info_loss(torch.full((2, 4, 8), 0.25), balance=0.0).item() \
+        == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"soft \[B,S,N\]"):
         losses.assign_info_loss(torch.rand(4, 8))
 
@@ -652,5 +656,8 @@ def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
     with pytest.raises(ValueError, match="assign_info_stages"):
         gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=1.0,
                                                   assign_info_stages=[2])))
+    with pytest.raises(ValueError, match="assign_info_balance"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=1.0,
+                                                  assign_info_balance=2.0)))
     with pytest.raises(ValueError, match="assign_info_weight"):
         gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=-1.0)))

@@ -72,7 +72,8 @@ class MultiLabelContrastive(nn.Module):
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
                  claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
                  content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1,
-                 assign_info_weight=0.0, assign_info_stages=(0,)):
+                 assign_info_weight=0.0, assign_info_stages=(0,),
+                 assign_info_balance=1.0):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -161,6 +162,9 @@ class MultiLabelContrastive(nn.Module):
             raise ValueError(f"assign_info_weight must be >= 0, got {assign_info_weight}")
         self.assign_info_weight = float(assign_info_weight)
         self.assign_info_stages = tuple(int(i) for i in assign_info_stages)
+        if not 0.0 <= assign_info_balance <= 1.0:
+            raise ValueError(f"assign_info_balance must be in [0, 1], got {assign_info_balance}")
+        self.assign_info_balance = float(assign_info_balance)
         assigns = [layer.downsample.assign for layer in self.img_encoder.layers
                    if layer.downsample is not None]
         bad = [i for i in self.assign_info_stages if not 0 <= i < len(assigns)]
@@ -340,7 +344,8 @@ class MultiLabelContrastive(nn.Module):
         group_loss = claim_loss = flat_loss = content_loss = claimed = None
         if self.assign_info_weight:
             stages = [d for d in img_outs["attn_dicts"] if d is not None]
-            info = sum(assign_info_loss(stages[i]["soft_grad"]) for i in self.assign_info_stages)
+            info = sum(assign_info_loss(stages[i]["soft_grad"], self.assign_info_balance)
+                       for i in self.assign_info_stages)
         if per_group:
             if "text_multi_label_x" not in text_outs:
                 raise ValueError(f"group_loss_weight / claim_loss_weight need texts [B,1+K,L], "
