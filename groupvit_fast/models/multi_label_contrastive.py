@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 from .group_vit import GroupViT, patchify, unpatchify
 from .layers import Result
-from .losses import (claim_log_probs, content_claim_loss, flat_class_loss, group_claim_loss,
-                     group_multi_label_loss, image_text_loss, assign_info_loss, multi_label_loss)
+from .losses import (assign_info_loss, claim_log_probs, content_claim_loss, flat_class_loss,
+                     group_claim_loss, group_multi_label_loss, image_text_loss, multi_label_loss)
 from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
 
-#: recipe-option loss weights that read the per-group tokens (not only the pooled embedding), so
-#: an embedding cache of pooled features (GradCache) cannot serve them
+#: recipe-option loss weights that read more than the pooled embedding (the per-group tokens or
+#: the assignment maps), so an embedding cache of pooled features (GradCache) cannot serve them
 GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight",
                       "content_claim_weight", "assign_info_weight")
 
@@ -72,8 +72,7 @@ class MultiLabelContrastive(nn.Module):
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
                  claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
                  content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1,
-                 assign_info_weight=0.0, assign_info_stages=(0,),
-                 assign_info_balance=1.0):
+                 assign_info_weight=0.0, assign_info_stages=(0,), assign_info_balance=1.0):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
