@@ -208,14 +208,16 @@ def test_grad_cache_with_zero3_is_refused_clearly():
     check_compat(cfg, plan_batch(4096, 8, 256), 3)
 
 
-def test_grad_cache_with_group_loss_is_refused_before_training():
-    # the embedding cache keeps pooled features only; refused once at setup, not per micro batch
+@pytest.mark.parametrize("opt", ["group_loss_weight", "assign_info_weight"])
+def test_grad_cache_with_group_loss_is_refused_before_training(opt):
+    # the embedding cache keeps pooled features only (no group tokens, no assignment maps);
+    # refused once at setup, not per micro batch
     from groupvit_fast.training.engine import check_compat
-    cfg = build_config("gcc_yfcc", ["model.group_loss_weight=1.0"])
+    cfg = build_config("gcc_yfcc", [f"model.{opt}=1.0"])
     check_compat(cfg, plan_batch(4096, 16, 256), 2)  # no accumulation: the cache is not used
-    with pytest.raises(ValueError, match="group_loss_weight=1.0 needs the group tokens"):
+    with pytest.raises(ValueError, match=f"{opt}=1.0 needs the group tokens and assignment maps"):
         check_compat(cfg, plan_batch(4096, 8, 256), 2)
-    cfg = build_config("gcc_yfcc", ["model.group_loss_weight=1.0", "train.grad_cache=false"])
+    cfg = build_config("gcc_yfcc", [f"model.{opt}=1.0", "train.grad_cache=false"])
     check_compat(cfg, plan_batch(4096, 8, 256), 2)
 
 

@@ -134,7 +134,8 @@ def check_compat(cfg: TrainConfig, plan: BatchPlan, stage: int) -> None:
         w = getattr(cfg.model, opt)
         if cfg.train.grad_cache and plan.grad_accum > 1 and w > 0:
             raise ValueError(
-                f"model.{opt}={w} needs the group tokens, which train.grad_cache=true (gradient "
+                f"model.{opt}={w} needs the group tokens and assignment maps, which "
+                f"train.grad_cache=true (gradient "
                 f"accumulation {plan.grad_accum}, {plan.describe()}) does not keep in its "
                 f"embedding cache: set train.grad_cache=false or model.{opt}=0")
 

@@ -284,8 +284,9 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
             if getattr(net, opt, 0):
                 # checked once per step, not per micro batch; train/main.py refuses the
                 # combination earlier still (engine.check_compat)
-                raise ValueError(f"grad_cache_step: model.{opt} > 0 needs the group tokens, "
-                                 f"which the embedding cache does not keep: set "
+                raise ValueError(f"grad_cache_step: model.{opt} > 0 needs the group tokens "
+                                 f"and assignment maps, which the embedding cache does not "
+                                 f"keep: set "
                                  f"train.grad_cache=false or model.{opt}=0")
         loss_fn = features_loss
     if loss_scale is None:
