@@ -17,10 +17,12 @@ from .transformer import TextTransformer
 
 MODELS = {"GroupViT": GroupViT, "TextTransformer": TextTransformer}
 
+#: recipe-option loss weights that read the per-group tokens
+GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight",
+                      "content_claim_weight")
 #: recipe-option loss weights that read more than the pooled embedding (the per-group tokens or
 #: the assignment maps), so an embedding cache of pooled features (GradCache) cannot serve them
-GROUP_TOKEN_LOSSES = ("group_loss_weight", "claim_loss_weight", "flat_loss_weight",
-                      "content_claim_weight", "assign_info_weight")
+BEYOND_POOLED_LOSSES = GROUP_TOKEN_LOSSES + ("assign_info_weight",)
 
 
 def build_module(spec: Union[nn.Module, dict]) -> nn.Module:
@@ -330,7 +332,7 @@ class MultiLabelContrastive(nn.Module):
         flat = bool(self.flat_loss_weight)
         # the group-token losses read the projected groups (projected with the pooled rows in
         # one call, so BN sees both); the assignment-information loss reads only the maps
-        per_group = bool(self.group_loss_weight or claim or flat or self.content_claim_weight)
+        per_group = any(getattr(self, opt) for opt in GROUP_TOKEN_LOSSES)
         bg_x = None
         if claim and self.claim_background_tokens is not None:
             text_outs, bg_x = self._encode_text_and_background(text)

@@ -26,7 +26,7 @@ from .data import build_loader
 from .monitor import Monitor, NonFiniteLoss, peak_memory_mib
 from .param_groups import param_groups
 from .schedule import build_schedule
-from ..models.multi_label_contrastive import GROUP_TOKEN_LOSSES
+from ..models.multi_label_contrastive import BEYOND_POOLED_LOSSES
 from .syncbn import convert_sync_batchnorm
 
 # DeepSpeed keys that the training config owns (one source of truth for batch, precision, clip)
@@ -130,14 +130,14 @@ def check_compat(cfg: TrainConfig, plan: BatchPlan, stage: int) -> None:
             f"ZeRO-3 ({plan.describe()}): use configs/ds_zero2.json / ds_zero1.json, or set "
             f"train.grad_cache=false (plain accumulation: each micro batch then contrasts only "
             f"{plan.micro_batch * plan.world_size} samples instead of {plan.global_batch})")
-    for opt in GROUP_TOKEN_LOSSES:
+    for opt in BEYOND_POOLED_LOSSES:
         w = getattr(cfg.model, opt)
         if cfg.train.grad_cache and plan.grad_accum > 1 and w > 0:
             raise ValueError(
                 f"model.{opt}={w} needs the group tokens and assignment maps, which "
-                f"train.grad_cache=true (gradient "
-                f"accumulation {plan.grad_accum}, {plan.describe()}) does not keep in its "
-                f"embedding cache: set train.grad_cache=false or model.{opt}=0")
+                f"train.grad_cache=true (gradient accumulation {plan.grad_accum}, "
+                f"{plan.describe()}) does not keep in its embedding cache: set "
+                f"train.grad_cache=false or model.{opt}=0")
 
 
 def _seed_all(seed: int):

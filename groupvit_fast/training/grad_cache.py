@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..models.multi_label_contrastive import GROUP_TOKEN_LOSSES
+from ..models.multi_label_contrastive import BEYOND_POOLED_LOSSES
 
 __all__ = ["grad_cache_step", "features_loss", "is_deepspeed_engine", "unwrap_model",
            "SavedTensorMeter", "ACCUM_MODES", "resolve_accum_mode", "accum_mode_message"]
@@ -280,14 +280,13 @@ def grad_cache_step(model, micro_batches: Iterable[Tuple[torch.Tensor, torch.Ten
     mbs, num_text = _check_micro_batches(micro_batches)
     a = len(mbs)
     if loss_fn is None:
-        for opt in GROUP_TOKEN_LOSSES:
+        for opt in BEYOND_POOLED_LOSSES:
             if getattr(net, opt, 0):
                 # checked once per step, not per micro batch; train/main.py refuses the
                 # combination earlier still (engine.check_compat)
                 raise ValueError(f"grad_cache_step: model.{opt} > 0 needs the group tokens "
                                  f"and assignment maps, which the embedding cache does not "
-                                 f"keep: set "
-                                 f"train.grad_cache=false or model.{opt}=0")
+                                 f"keep: set train.grad_cache=false or model.{opt}=0")
         loss_fn = features_loss
     if loss_scale is None:
         loss_scale = _engine_loss_scale(engine) if engine is not None else 1.0
