@@ -189,6 +189,13 @@ def multi_label_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
         return 0.5 * (lse_img.mean() + lse_txt.mean()) - pos
 
 
+def _group_noun_shapes_ok(group_feat, owned, noun_feat, valid) -> bool:
+    """The shapes every group-level loss takes: group_feat [B,G,D], owned [B,G], noun_feat
+    [B,K,D], valid [B,K] with one B (each loss names its own tensors in its error)."""
+    return (group_feat.ndim == 3 and noun_feat.ndim == 3 and owned.shape == group_feat.shape[:2]
+            and valid.shape == noun_feat.shape[:2] and group_feat.shape[0] == noun_feat.shape[0])
+
+
 def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_feat: torch.Tensor,
                            valid: torch.Tensor, logit_scale: torch.Tensor):
     """Group-level multi-label contrastive loss: a recipe option, *not* part of the paper.
@@ -206,8 +213,7 @@ def group_multi_label_loss(group_feat: torch.Tensor, owned: torch.Tensor, text_f
     over all gathered valid prompts, uniform on their own; prompt rows: CE over gathered images
     with their own image as the target. ½·(image rows + prompt rows). Materialises
     [B, G, W·B·K] similarities: sized for small recipes, not for the release batch."""
-    if group_feat.ndim != 3 or text_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
-            or valid.shape != text_feat.shape[:2] or group_feat.shape[0] != text_feat.shape[0]:
+    if not _group_noun_shapes_ok(group_feat, owned, text_feat, valid):
         raise ValueError(f"group_multi_label_loss: expected group_feat [B,G,D], owned [B,G], "
                          f"text_feat [B,K,D], valid [B,K]; got {tuple(group_feat.shape)}, "
                          f"{tuple(owned.shape)}, {tuple(text_feat.shape)}, {tuple(valid.shape)}")
@@ -281,8 +287,7 @@ def group_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, noun_feat: t
     noun then costs nothing; with several, each needs a group of its own). Per-image only (no
     gathered negatives): the official losses already contrast images and prompts across the
     batch."""
-    if group_feat.ndim != 3 or noun_feat.ndim != 3 or owned.shape != group_feat.shape[:2] \
-            or valid.shape != noun_feat.shape[:2] or group_feat.shape[0] != noun_feat.shape[0] \
+    if not _group_noun_shapes_ok(group_feat, owned, noun_feat, valid) \
             or (bg_feat is not None and bg_feat.shape != group_feat.shape[2:]):
         raise ValueError(f"group_claim_loss: expected group_feat [B,G,D], owned [B,G], "
                          f"noun_feat [B,K,D], valid [B,K], bg_feat [D]; got "
@@ -321,9 +326,8 @@ def content_claim_loss(group_feat: torch.Tensor, owned: torch.Tensor, content_fe
     group_feat [B,G,D] projected group tokens; owned [B,G] bool; content_feat [B,G,D] (rows of
     unowned groups are ignored); noun_feat [B,K,D] projected noun prompts; valid [B,K] bool.
     Returns (loss, claimed [B,G] bool: owned groups that are some valid noun's claimant)."""
-    if group_feat.ndim != 3 or content_feat.shape != group_feat.shape or noun_feat.ndim != 3 \
-            or owned.shape != group_feat.shape[:2] or valid.shape != noun_feat.shape[:2] \
-            or group_feat.shape[0] != noun_feat.shape[0]:
+    if not _group_noun_shapes_ok(group_feat, owned, noun_feat, valid) \
+            or content_feat.shape != group_feat.shape:
         raise ValueError(f"content_claim_loss: expected group_feat [B,G,D], owned [B,G], "
                          f"content_feat [B,G,D], noun_feat [B,K,D], valid [B,K]; got "
                          f"{tuple(group_feat.shape)}, {tuple(owned.shape)}, "
