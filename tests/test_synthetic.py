@@ -206,3 +206,35 @@ def test_named_backgrounds_are_captioned_and_distinct():
     assert not SyntheticConfig().named_backgrounds
     caps = [render_sample(_tiny(bg_caption_prob=1.0), "train", i)[2] for i in range(5)]
     assert all(c.rstrip(".").endswith("background") for c in caps), caps
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_empty_train_scenes_name_only_the_background(named):
+    from groupvit_fast.data.prompts import extract_words
+    from groupvit_fast.data.synthetic import BACKGROUND_KINDS
+    cfg = SyntheticConfig(named_backgrounds=named, bg_caption_prob=1.0, empty_train_prob=0.25)
+    empty = 0
+    for i in range(200):
+        img, mask, cap = render_sample(cfg, "train", i)
+        if mask.any():
+            continue
+        empty += 1
+        words = extract_words(cap)
+        # one noun, the background's: the multi-label prompts of such a scene name nothing else
+        assert len(words) == 1, cap
+        assert (words[0] in BACKGROUND_KINDS) if named else (words[0] == "background"), cap
+        assert img.shape == (64, 64, 3) and img.std() > 1  # a real background, not a blank frame
+    assert 30 <= empty <= 70, empty  # about a quarter of 200
+    # held-out splits keep their objects: the evaluation scenes do not change with the option
+    for split in ("val", "test"):
+        for i in range(40):
+            a, b = render_sample(cfg, split, i), render_sample(
+                SyntheticConfig(named_backgrounds=named, bg_caption_prob=1.0), split, i)
+            assert b[1].any() and np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+    # off by default, and at 0 the cache key (and so every cached shard) is what it was
+    assert SyntheticConfig().empty_train_prob == 0
+    assert SyntheticConfig(empty_train_prob=0.0).config_hash() == SyntheticConfig().config_hash()
+    assert cfg.config_hash() != SyntheticConfig(named_backgrounds=named,
+                                                bg_caption_prob=1.0).config_hash()
+    with pytest.raises(ValueError, match="empty_train_prob"):
+        SyntheticConfig(empty_train_prob=1.0)

@@ -59,6 +59,8 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 _BG_ADJ = ("cloudy", "grainy", "smooth", "dusty", "pale", "soft")
+#: captions of object-free train scenes (``empty_train_prob``): one noun, the background's
+_EMPTY_ADJ = ("bare", "plain", "empty", "just", "only")
 #: nameable background kinds (``SyntheticConfig.named_backgrounds``): noun -> caption phrases
 BACKGROUND_KINDS = {
     "clouds": ("under clouds", "in the clouds", "against clouds"),
@@ -92,6 +94,11 @@ class SyntheticConfig:
     #: backgrounds of nameable kinds (clouds, sand, water, fog; ``BACKGROUND_KINDS``) that the
     #: caption names with probability ``bg_caption_prob``, instead of one anonymous noise kind
     named_backgrounds: bool = False
+    #: probability that a *train* scene holds no object at all; its caption names only the
+    #: background ("bare sand", "an empty background"). Val and test scenes always hold objects.
+    #: A recipe option: it shows the model what the background alone is called, so the groups
+    #: that own background have a caption of their own to match.
+    empty_train_prob: float = 0.0
     jpeg_quality: int = 95
     shard_size: int = 2000
 
@@ -106,6 +113,9 @@ class SyntheticConfig:
         if self.image_size < 16:
             raise ValueError(f"SyntheticConfig.image_size must be >= 16, got {self.image_size}")
         self.object_count_probs = tuple(float(p) for p in self.object_count_probs)
+        if not 0.0 <= float(self.empty_train_prob) < 1.0:
+            raise ValueError(f"SyntheticConfig.empty_train_prob must be in [0, 1), got "
+                             f"{self.empty_train_prob}")
         if not (0 < self.min_size <= self.max_size <= 1):
             raise ValueError(f"need 0 < min_size <= max_size <= 1, got {self.min_size}, {self.max_size}")
 
@@ -119,6 +129,8 @@ class SyntheticConfig:
 
     def config_hash(self) -> str:
         d = dataclasses.asdict(self)
+        if not d["empty_train_prob"]:
+            del d["empty_train_prob"]  # added later: at 0 the earlier caches stay valid
         d["_render_version"] = RENDER_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -334,10 +346,28 @@ def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig,
     return text
 
 
-def render_scene(rng: np.random.Generator, cfg: SyntheticConfig
+def _empty_scene(rng, cfg: SyntheticConfig) -> Tuple[np.ndarray, np.ndarray, str]:
+    """An object-free scene: background only, all-zero mask, a caption naming the background."""
+    size = cfg.image_size
+    adj = _EMPTY_ADJ[int(rng.integers(len(_EMPTY_ADJ)))]
+    if cfg.named_backgrounds:
+        kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
+        img = _background_named(rng, size, kind)
+        caption = f"{adj} {kind}"
+    else:
+        img = _background(rng, size)
+        caption = f"{_article(adj)} {adj} background"
+    image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return image, np.zeros((size, size), np.uint8), caption
+
+
+def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "train"
                  ) -> Tuple[np.ndarray, np.ndarray, str]:
     """Render one scene: (image uint8 [H,W,3], mask uint8 [H,W] with 0=background, caption)."""
     size = cfg.image_size
+    # the draw happens only with the option on, so configs without it render the same scenes
+    if split == "train" and cfg.empty_train_prob and rng.random() < cfg.empty_train_prob:
+        return _empty_scene(rng, cfg)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     probs = np.asarray(cfg.object_count_probs, np.float64)
     n_obj = int(rng.choice(len(probs), p=probs / probs.sum())) + 1
@@ -389,7 +419,7 @@ def sample_rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Genera
 
 def render_sample(cfg: SyntheticConfig, split: str, index: int):
     """Deterministic sample ``index`` of ``split`` (independent of sharding and of other samples)."""
-    return render_scene(sample_rng(cfg, split, index), cfg)
+    return render_scene(sample_rng(cfg, split, index), cfg, split)
 
 
 # ----------------------------------------------------------------------------------- shards
