@@ -71,8 +71,9 @@ class ModelConfig:
     #: the shared background candidate of the claim loss; "" = none (the nouns alone compete)
     claim_background_prompt: str = "a photo of a background."
     #: flatness loss (losses.flat_class_loss) on the rows that stand for the background:
-    #: "mean" (the batch's mean owned group) or "background" (groups claiming the background
-    #: prompt); 0 = official. A recipe option (README)
+    #: "mean" (the batch's mean owned group), "pixels" (the same mean, each group weighted by
+    #: the patches it owns) or "background" (groups claiming the background prompt);
+    #: 0 = official. A recipe option (README)
     flat_loss_weight: float = 0.0
     flat_rows: str = "mean"
     #: content claim loss (losses.content_claim_loss): each caption noun must be carried by the

@@ -401,6 +401,7 @@ def test_flat_class_loss_matches_naive_and_is_zero_when_flat():
 @pytest.mark.parametrize("extra,keys", [
     (dict(claim_loss_weight=1.0), {"claim_loss"}),
     (dict(flat_loss_weight=0.5), {"flat_loss"}),
+    (dict(flat_loss_weight=0.5, flat_rows="pixels"), {"flat_loss"}),
     (dict(claim_loss_weight=1.0, flat_loss_weight=0.5, flat_rows="background"),
      {"claim_loss", "flat_loss"}),
 ])
@@ -424,6 +425,37 @@ def test_model_claim_and_flat_options(extra, keys):
     with pytest.raises(ValueError, match="claim_loss_weight"):
         gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, flat_loss_weight=1.0,
                                                   flat_rows="background")))
+
+
+def test_flat_rows_pixels_weighs_groups_by_the_patches_they_own():
+    """flat_rows='pixels' flattens the batch's mean patch: each owned group counts as often as
+    it owns patches (float64 loop), so a large background group weighs more than a small object
+    group; with equal shares it is 'mean' again, and unowned groups count in neither."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    torch.manual_seed(0)
+    models = {r: gf.build_model(ModelConfig.from_dict(dict(
+        _GROUP_LOSS_MODEL, flat_loss_weight=1.0, flat_rows=r))) for r in ("mean", "pixels")}
+    B, G, N, K, D = 3, 3, 10, 2, 16
+    feat = torch.randn(B, G, D, dtype=torch.float64)
+    nouns = torch.randn(B, K, D, dtype=torch.float64)
+    valid = torch.ones(B, K, dtype=torch.bool)
+    owner_of = torch.tensor([[0] * 8 + [1] * 2, [1] * 5 + [2] * 5, [2] * 9 + [0]])  # group 2 of
+    owners = F.one_hot(owner_of, G).permute(0, 2, 1).double()  # image 0 owns nothing [B,G,N]
+    s = models["pixels"].get_multi_label_logit_scale()
+    got = models["pixels"]._flat_loss(feat, owners, nouns, valid, None)
+    row = torch.zeros(D, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            row += F.normalize(feat[b, owner_of[b, n]], dim=-1) / (B * N)
+    ref = losses.flat_class_loss(row[None], torch.ones(1, dtype=torch.float64),
+                                 nouns.reshape(-1, D), valid.reshape(-1), s)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-6)  # fp32 inside
+    mean = models["mean"]._flat_loss(feat, owners, nouns, valid, None)
+    assert abs(float(mean) - float(got)) > 1e-4  # unequal shares: the two rows differ
+    even = F.one_hot(torch.tensor([[0] * 5 + [1] * 5] * B), G).permute(0, 2, 1).double()
+    torch.testing.assert_close(models["pixels"]._flat_loss(feat, even, nouns, valid, None),
+                               models["mean"]._flat_loss(feat, even, nouns, valid, None))
 
 
 def test_group_claim_loss_without_background_needs_a_group_per_noun():

@@ -122,12 +122,15 @@ class MultiLabelContrastive(nn.Module):
             self.claim_background_tokens = None
         # recipe option, not in the paper (0 = official): flat_class_loss on the batch's noun
         # prompts for the rows that stand for the background: 'mean' = the mean owned group of
-        # the batch (what every image shares), 'background' = each owned group weighted by its
-        # claim probability of the background prompt (needs claim_loss_weight > 0)
+        # the batch (what every image shares), 'pixels' = the same mean with each owned group
+        # weighted by the patches it owns (the batch's mean patch, mostly background: unlike
+        # 'mean', it does not press an object's small group as hard as the background's large
+        # one), 'background' = each owned group weighted by its claim probability of the
+        # background prompt (needs claim_loss_weight > 0)
         if flat_loss_weight < 0:
             raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
-        if flat_rows not in ("mean", "background", "content"):
-            raise ValueError(f"flat_rows must be 'mean', 'background' or 'content', got "
+        if flat_rows not in ("mean", "pixels", "background", "content"):
+            raise ValueError(f"flat_rows must be 'mean', 'pixels', 'background' or 'content', got "
                              f"{flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
@@ -306,8 +309,10 @@ class MultiLabelContrastive(nn.Module):
         out[bi, gi] = emb
         return out
 
-    def _flat_loss(self, group_feat, owned, noun_feat, valid, bg_x, claimed=None):
-        """flat_class_loss rows and weights for ``flat_rows`` (see __init__)."""
+    def _flat_loss(self, group_feat, owners, noun_feat, valid, bg_x, claimed=None):
+        """flat_class_loss rows and weights for ``flat_rows`` (see __init__); owners [B,G,N]
+        from ``patch_owners``."""
+        owned = self.owned_groups(owners=owners)  # [B,G]
         D = group_feat.shape[-1]
         g = F.normalize(group_feat.float(), dim=-1)  # [B,G,D]
         s = self.get_multi_label_logit_scale()
@@ -315,8 +320,8 @@ class MultiLabelContrastive(nn.Module):
             n = claimed.shape[0]  # only the images the content claim read
             rows = g[:n].reshape(-1, D)  # [n·G,D]
             weights = (owned[:n] & ~claimed).float().reshape(-1)  # [n·G]
-        elif self.flat_rows == "mean":
-            w = owned.float()[..., None]  # [B,G,1]
+        elif self.flat_rows in ("mean", "pixels"):
+            w = (owned.float() if self.flat_rows == "mean" else owners.sum(dim=-1))[..., None]
             rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
             weights = rows.new_ones(1)
         else:
@@ -369,7 +374,7 @@ class MultiLabelContrastive(nn.Module):
                 text_outs["text_multi_label_x"][:n], valid[:n],
                 self.get_multi_label_logit_scale(), margin=self.content_claim_margin)
         if flat:
-            flat_loss = self._flat_loss(img_outs["image_feat"], owned,
+            flat_loss = self._flat_loss(img_outs["image_feat"], owners,
                                         text_outs["text_multi_label_x"], valid,
                                         bg_x, claimed)
         if self.group_loss_weight:
