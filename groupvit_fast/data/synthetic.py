@@ -60,7 +60,7 @@ _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 _BG_ADJ = ("cloudy", "grainy", "smooth", "dusty", "pale", "soft")
 #: captions of object-free train scenes (``empty_train_prob``): one noun, the background's
-_EMPTY_ADJ = ("bare", "plain", "empty", "just", "only")
+_EMPTY_ADJ = ("bare", "plain", "empty", "just", "only")  # "just sand", "an empty background"
 #: nameable background kinds (``SyntheticConfig.named_backgrounds``): noun -> caption phrases
 BACKGROUND_KINDS = {
     "clouds": ("under clouds", "in the clouds", "against clouds"),
@@ -356,6 +356,7 @@ def _empty_scene(rng, cfg: SyntheticConfig) -> Tuple[np.ndarray, np.ndarray, str
         caption = f"{adj} {kind}"
     else:
         img = _background(rng, size)
+        adj = _EMPTY_ADJ[int(rng.integers(3))]  # "a just background" is not English
         caption = f"{_article(adj)} {adj} background"
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return image, np.zeros((size, size), np.uint8), caption
