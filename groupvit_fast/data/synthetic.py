@@ -349,8 +349,8 @@ def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig,
 def _empty_scene(rng, cfg: SyntheticConfig) -> Tuple[np.ndarray, np.ndarray, str]:
     """An object-free scene: background only, all-zero mask, a caption naming the background."""
     size = cfg.image_size
-    adj = _EMPTY_ADJ[int(rng.integers(len(_EMPTY_ADJ)))]
     if cfg.named_backgrounds:
+        adj = _EMPTY_ADJ[int(rng.integers(len(_EMPTY_ADJ)))]
         kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
         img = _background_named(rng, size, kind)
         caption = f"{adj} {kind}"

@@ -321,7 +321,9 @@ class MultiLabelContrastive(nn.Module):
             rows = g[:n].reshape(-1, D)  # [n·G,D]
             weights = (owned[:n] & ~claimed).float().reshape(-1)  # [n·G]
         elif self.flat_rows in ("mean", "pixels"):
-            w = (owned.float() if self.flat_rows == "mean" else owners.sum(dim=-1))[..., None]
+            # 'mean': one vote per owned group; 'pixels': one per owned patch
+            votes = owned.float() if self.flat_rows == "mean" else owners.sum(dim=-1)  # [B,G]
+            w = votes[..., None]  # [B,G,1]
             rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
             weights = rows.new_ones(1)
         else:
