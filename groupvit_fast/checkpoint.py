@@ -422,6 +422,11 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, base=None, source: str
     n = max(stages) + 1 if stages else 0
     if n == 0:
         raise CheckpointError(f"{source}: no img_encoder.layers.* keys")
+    # a last stage with no blocks and no group tokens holds no parameter, so its keys cannot
+    # show it; a given config that has such trailing stages keeps them
+    bd = list(base.img.depths) if given else []
+    if len(bd) > n and not any(bd[n:]) and not any(list(base.img.num_group_tokens)[n:]):
+        n = len(bd)
     depths = [len(blocks.get(i, ())) for i in range(n)]
     widths, mlp_ratio = [], None
     for i in range(n):

@@ -349,6 +349,26 @@ def test_infer_config_variants():
         infer_model_config({"logit_scale": torch.zeros(())})
 
 
+def test_empty_last_stage_survives_the_round_trip():
+    """A last stage with no blocks and no group tokens (depths [.., 0]) holds no parameter, so
+    the keys cannot show it: the config saved with the weights keeps it, and the reloaded model
+    has every stage and the same outputs (a per-stage option such as assign_scale then still
+    has one value per grouping block)."""
+    cfg = small_cfg()
+    cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, depths=[2, 1, 0],
+                                                           assign_scale=[1.0, 8.0]))
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    assert infer_model_config(m.state_dict(), base=None).img.depths == [2, 1]  # keys alone
+    got = infer_model_config(m.state_dict(), base=cfg)
+    assert got.img.depths == [2, 1, 0] and got.img.num_output_groups == [8, 4]
+    back = load_checkpoint({"model": m.state_dict(),
+                            "config": {"model": dataclasses.asdict(cfg)}}).eval()
+    assert len(back.img_encoder.layers) == 3
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back.encode_image(x), m.encode_image(x))
+
+
 def test_build_without_init_when_the_model_code_allows_it(small, monkeypatch):
     """Models built from a checkpoint skip the (slow) random init by building on the meta device
     and assigning the checkpoint tensors; falls back to a regular build when that fails."""
