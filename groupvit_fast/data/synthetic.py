@@ -60,7 +60,8 @@ _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 _BG_ADJ = ("cloudy", "grainy", "smooth", "dusty", "pale", "soft")
 #: captions of object-free train scenes (``empty_train_prob``): one noun, the background's
-_EMPTY_ADJ = ("bare", "plain", "empty", "just", "only")  # "just sand", "an empty background"
+_EMPTY_ADJ = ("bare", "plain", "empty", "just", "only")  # "just sand"
+_EMPTY_ADJ_ARTICLE = _EMPTY_ADJ[:3]  # "an empty background"; "a just background" is not English
 #: nameable background kinds (``SyntheticConfig.named_backgrounds``): noun -> caption phrases
 BACKGROUND_KINDS = {
     "clouds": ("under clouds", "in the clouds", "against clouds"),
@@ -346,20 +347,29 @@ def make_caption(rng, counts: Sequence[Tuple[str, int]], cfg: SyntheticConfig,
     return text
 
 
+def _draw_background(rng, cfg: SyntheticConfig) -> Tuple[np.ndarray, Optional[str]]:
+    """(float image [H,W,3], its nameable kind or None for the anonymous noise kind)."""
+    if cfg.named_backgrounds:
+        kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
+        return _background_named(rng, cfg.image_size, kind), kind
+    return _background(rng, cfg.image_size), None
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def _empty_scene(rng, cfg: SyntheticConfig) -> Tuple[np.ndarray, np.ndarray, str]:
     """An object-free scene: background only, all-zero mask, a caption naming the background."""
-    size = cfg.image_size
     if cfg.named_backgrounds:
         adj = _EMPTY_ADJ[int(rng.integers(len(_EMPTY_ADJ)))]
-        kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
-        img = _background_named(rng, size, kind)
+        img, kind = _draw_background(rng, cfg)
         caption = f"{adj} {kind}"
     else:
-        img = _background(rng, size)
-        adj = _EMPTY_ADJ[int(rng.integers(3))]  # "a just background" is not English
+        img, _ = _draw_background(rng, cfg)
+        adj = _EMPTY_ADJ_ARTICLE[int(rng.integers(len(_EMPTY_ADJ_ARTICLE)))]
         caption = f"{_article(adj)} {adj} background"
-    image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return image, np.zeros((size, size), np.uint8), caption
+    return _to_uint8(img), np.zeros((cfg.image_size,) * 2, np.uint8), caption
 
 
 def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "train"
@@ -380,12 +390,8 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "t
                 names.append(names[int(rng.integers(len(names)))])
             else:
                 names.append(cfg.classes[int(rng.integers(n_cls))])
-        if cfg.named_backgrounds:
-            bg_kind = tuple(BACKGROUND_KINDS)[int(rng.integers(len(BACKGROUND_KINDS)))]
-            img = _background_named(rng, size, bg_kind).astype(np.float64)
-        else:
-            bg_kind = None
-            img = _background(rng, size).astype(np.float64)
+        img, bg_kind = _draw_background(rng, cfg)
+        img = img.astype(np.float64)
         inst = np.zeros((size, size), np.int16)  # 0 = background, k+1 = object k (topmost wins)
         areas = []
         for k, name in enumerate(names):
@@ -410,8 +416,7 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "t
     for name in names:
         counts[name] = counts.get(name, 0) + 1
     caption = make_caption(rng, list(counts.items()), cfg, background=bg_kind)
-    image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return image, mask, caption
+    return _to_uint8(img), mask, caption
 
 
 def sample_rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Generator:
