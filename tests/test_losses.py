@@ -443,7 +443,12 @@ def test_flat_rows_pixels_weighs_groups_by_the_patches_they_own():
     owner_of = torch.tensor([[0] * 8 + [1] * 2, [1] * 5 + [2] * 5, [2] * 9 + [0]])  # group 2 of
     owners = F.one_hot(owner_of, G).permute(0, 2, 1).double()  # image 0 owns nothing [B,G,N]
     s = models["pixels"].get_multi_label_logit_scale()
-    got = models["pixels"]._flat_loss(feat, owners, nouns, valid, None)
+
+    def flat(rows, own):  # the model's flat term for patch owners [B,G,N]
+        return models[rows]._flat_loss(feat, own, models[rows].owned_groups(owners=own), nouns,
+                                       valid, None)
+
+    got = flat("pixels", owners)
     row = torch.zeros(D, dtype=torch.float64)
     for b in range(B):
         for n in range(N):
@@ -451,11 +456,10 @@ def test_flat_rows_pixels_weighs_groups_by_the_patches_they_own():
     ref = losses.flat_class_loss(row[None], torch.ones(1, dtype=torch.float64),
                                  nouns.reshape(-1, D), valid.reshape(-1), s)
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-6)  # fp32 inside
-    mean = models["mean"]._flat_loss(feat, owners, nouns, valid, None)
+    mean = flat("mean", owners)
     assert abs(float(mean) - float(got)) > 1e-4  # unequal shares: the two rows differ
     even = F.one_hot(torch.tensor([[0] * 5 + [1] * 5] * B), G).permute(0, 2, 1).double()
-    torch.testing.assert_close(models["pixels"]._flat_loss(feat, even, nouns, valid, None),
-                               models["mean"]._flat_loss(feat, even, nouns, valid, None))
+    torch.testing.assert_close(flat("pixels", even), flat("mean", even))
 
 
 def test_group_claim_loss_without_background_needs_a_group_per_noun():

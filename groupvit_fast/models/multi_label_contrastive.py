@@ -309,10 +309,9 @@ class MultiLabelContrastive(nn.Module):
         out[bi, gi] = emb
         return out
 
-    def _flat_loss(self, group_feat, owners, noun_feat, valid, bg_x, claimed=None):
+    def _flat_loss(self, group_feat, owners, owned, noun_feat, valid, bg_x, claimed=None):
         """flat_class_loss rows and weights for ``flat_rows`` (see __init__); owners [B,G,N]
-        from ``patch_owners``."""
-        owned = self.owned_groups(owners=owners)  # [B,G]
+        from ``patch_owners``, owned [B,G] from ``owned_groups``."""
         D = group_feat.shape[-1]
         g = F.normalize(group_feat.float(), dim=-1)  # [B,G,D]
         s = self.get_multi_label_logit_scale()
@@ -376,7 +375,7 @@ class MultiLabelContrastive(nn.Module):
                 text_outs["text_multi_label_x"][:n], valid[:n],
                 self.get_multi_label_logit_scale(), margin=self.content_claim_margin)
         if flat:
-            flat_loss = self._flat_loss(img_outs["image_feat"], owners,
+            flat_loss = self._flat_loss(img_outs["image_feat"], owners, owned,
                                         text_outs["text_multi_label_x"], valid,
                                         bg_x, claimed)
         if self.group_loss_weight:
