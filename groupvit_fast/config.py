@@ -72,7 +72,8 @@ class ModelConfig:
     claim_background_prompt: str = "a photo of a background."
     #: flatness loss (losses.flat_class_loss) on the rows that stand for the background:
     #: "mean" (the batch's mean owned group), "pixels" (the same mean, each group weighted by
-    #: the patches it owns) or "background" (groups claiming the background prompt);
+    #: the patches it owns), "share" (each group on its own, weighted by its share of its
+    #: image's patches) or "background" (groups claiming the background prompt);
     #: 0 = official. A recipe option (README)
     flat_loss_weight: float = 0.0
     flat_rows: str = "mean"

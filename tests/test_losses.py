@@ -402,6 +402,7 @@ def test_flat_class_loss_matches_naive_and_is_zero_when_flat():
     (dict(claim_loss_weight=1.0), {"claim_loss"}),
     (dict(flat_loss_weight=0.5), {"flat_loss"}),
     (dict(flat_loss_weight=0.5, flat_rows="pixels"), {"flat_loss"}),
+    (dict(flat_loss_weight=0.5, flat_rows="share"), {"flat_loss"}),
     (dict(claim_loss_weight=1.0, flat_loss_weight=0.5, flat_rows="background"),
      {"claim_loss", "flat_loss"}),
 ])
@@ -460,6 +461,52 @@ def test_flat_rows_pixels_weighs_groups_by_the_patches_they_own():
     assert abs(float(mean) - float(got)) > 1e-4  # unequal shares: the two rows differ
     even = F.one_hot(torch.tensor([[0] * 5 + [1] * 5] * B), G).permute(0, 2, 1).double()
     torch.testing.assert_close(flat("pixels", even), flat("mean", even))
+
+
+def test_flat_rows_share_flattens_each_group_by_its_share():
+    """flat_rows='share' flattens every group on its own, weighted by its share of its image's
+    patches (float64 loop): a named background group costs more than a named object group,
+    unowned groups cost nothing, and the shares carry no gradient."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    torch.manual_seed(1)
+    model = gf.build_model(ModelConfig.from_dict(dict(
+        _GROUP_LOSS_MODEL, flat_loss_weight=1.0, flat_rows="share")))
+    B, G, N, K, D = 3, 3, 10, 2, 16
+    feat = torch.randn(B, G, D, dtype=torch.float64, requires_grad=True)
+    nouns = torch.randn(B, K, D, dtype=torch.float64)
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[2, 1] = False
+    owner_of = torch.tensor([[0] * 8 + [1] * 2, [1] * 5 + [2] * 5, [2] * 9 + [0]])
+    owners = F.one_hot(owner_of, G).permute(0, 2, 1).double()  # [B,G,N]
+    owners.requires_grad_(True)
+    s = model.get_multi_label_logit_scale()
+
+    def flat(f):
+        return model._flat_loss(f, owners, model.owned_groups(owners=owners), nouns, valid, None)
+
+    got = flat(feat)
+    prompts = F.normalize(nouns.reshape(-1, D)[valid.reshape(-1)], dim=-1)
+    ref = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for g in range(G):
+            share = float((owner_of[b] == g).sum()) / N
+            logp = torch.log_softmax(F.normalize(feat[b, g], dim=-1) @ prompts.T * s, dim=-1)
+            ref = ref + share * (-logp.mean() - math.log(prompts.shape[0])) / B
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-6)  # fp32 inside
+    got.backward()
+    assert owners.grad is None or float(owners.grad.abs().sum()) == 0.0
+    assert float(feat.grad[1, 0].abs().sum()) == 0.0  # group 0 owns nothing in image 1
+    # one named row: the same feature costs more as image 0's background (8 patches) than as
+    # its object (2 patches)
+    named = prompts[0] * 3
+    flat_row = torch.zeros(D, dtype=torch.float64)
+    as_bg, as_obj = feat.detach().clone(), feat.detach().clone()
+    for f in (as_bg, as_obj):
+        f[:] = flat_row
+    as_bg[0, 0], as_obj[0, 1] = named, named
+    with torch.no_grad():
+        assert float(flat(as_bg)) > float(flat(as_obj)) + 1e-3
 
 
 def test_group_claim_loss_without_background_needs_a_group_per_noun():

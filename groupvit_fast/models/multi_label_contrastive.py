@@ -125,13 +125,15 @@ class MultiLabelContrastive(nn.Module):
         # the batch (what every image shares), 'pixels' = the same mean with each owned group
         # weighted by the patches it owns (the batch's mean patch, mostly background: unlike
         # 'mean', it does not press an object's small group as hard as the background's large
-        # one), 'background' = each owned group weighted by its claim probability of the
+        # one), 'share' = every group on its own, weighted by its share of its image's patches
+        # (a background group that carries a name is pressed in every image, not only on
+        # average), 'background' = each owned group weighted by its claim probability of the
         # background prompt (needs claim_loss_weight > 0)
         if flat_loss_weight < 0:
             raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
-        if flat_rows not in ("mean", "pixels", "background", "content"):
-            raise ValueError(f"flat_rows must be 'mean', 'pixels', 'background' or 'content', got "
-                             f"{flat_rows!r}")
+        if flat_rows not in ("mean", "pixels", "share", "background", "content"):
+            raise ValueError(f"flat_rows must be 'mean', 'pixels', 'share', 'background' or "
+                             f"'content', got {flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
         if flat_loss_weight and flat_rows == "background" and (
@@ -325,6 +327,14 @@ class MultiLabelContrastive(nn.Module):
             w = votes[..., None]  # [B,G,1]
             rows = ((g * w).sum(dim=(0, 1)) / w.sum().clamp(min=1))[None]  # [1,D]
             weights = rows.new_ones(1)
+        elif self.flat_rows == "share":
+            # every group flattened on its own, weighted by its share of its image's patches:
+            # unlike a mean row, a background group that carries the object's name cannot hide
+            # in the batch average, and the image's largest group is pressed hardest. The
+            # shares are not differentiated (flat_class_loss detaches weights), so no group
+            # gains by shrinking
+            rows = g.reshape(-1, D)  # [B·G,D]
+            weights = (owners.sum(dim=-1) / owners.shape[-1]).reshape(-1)  # [B·G]
         else:
             # each owned group's probability of claiming the background among its image's
             # candidates (as in group_claim_loss), not differentiated: it only picks the rows
