@@ -41,6 +41,9 @@ class ImageEncoderConfig:
     #: stay within ±assign_scale (neither decay into the noise nor saturate the softmax); False
     #: = official. A recipe option (README), one value or one per stage.
     assign_cosine: Union[bool, List[bool]] = False
+    #: pool only the final groups that own a patch into the image embedding; False = official
+    #: (the mean of all final groups). A recipe option (README)
+    pool_owned: bool = False
 
 
 @dataclass

@@ -393,6 +393,36 @@ def test_assign_cosine_bounds_the_assignment_logits():
         tiny_image(assign_cosine=[True, False, True])
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_pool_owned_averages_only_the_groups_that_own_a_patch(training):
+    """pool_owned: the pooled embedding is the mean of the final groups that own a patch under
+    the hard assignment (chained by hand from the returned maps), not of all groups; the groups
+    themselves, the maps and the keys are those of the official module."""
+    torch.manual_seed(0)
+    base = tiny_image().train(training)
+    pool = tiny_image(pool_owned=True).train(training)
+    pool.load_state_dict(base.state_dict())
+    with torch.no_grad():  # a stage-2 group that almost never wins: some groups own nothing
+        for m in (base, pool):
+            m.layers[1].downsample.assign.q_proj.weight.mul_(20)
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    a = base(x, return_feat=True, return_attn=True, as_dict=True)
+    torch.manual_seed(1)  # the same Gumbel noise in training
+    b = pool(x, return_feat=True, return_attn=True, as_dict=True)
+    torch.testing.assert_close(a["feat"], b["feat"])
+    h1, h2 = (d["hard"][:, 0] for d in b["attn_dicts"] if d is not None)  # [B,S1,N], [B,G,S1]
+    owned = (h2 @ h1).sum(-1) > 0.5  # [B,G]
+    assert bool(owned.any(1).all()) and not bool(owned.all())  # a real subset in some image
+    want = torch.stack([b["feat"][i][owned[i]].mean(0) for i in range(3)])  # [B,C]
+    torch.testing.assert_close(b["x"], want)
+    torch.testing.assert_close(a["x"], a["feat"].mean(1))
+    assert not torch.allclose(a["x"], b["x"])
+    assert pool.state_dict().keys() == base.state_dict().keys()
+    b["x"].sum().backward()  # the mask carries no gradient, the owned groups do
+    assert pool.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("hw,patch,cin", [((64, 64), 8, 3), ((70, 53), 8, 3), ((48, 32), 16, 3),
                                           ((33, 33), 4, 5)])
 def test_patch_embed_gemm_matches_convolution(hw, patch, cin):

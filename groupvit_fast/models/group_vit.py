@@ -274,6 +274,21 @@ def build_2d_sincos_position_embedding(h, w, embed_dim, temperature=10000.0):
     return emb  # [1,h*w,C]
 
 
+def final_group_owners(attn_dicts) -> torch.Tensor:
+    """[B,G,N] 0/1: which final group owns each patch under the hard assignments of
+    ``attn_dicts`` (stage maps [B,1,G_l,N_l], chained patches -> stage-1 -> stage-2 groups),
+    without gradient."""
+    own = None
+    for d in attn_dicts:
+        if d is None:
+            continue
+        hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
+        own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
+    if own is None:
+        raise ValueError("the image encoder has no grouping stage")
+    return own
+
+
 class GroupViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=384,
                  embed_factors=(1, 1, 1), depths=(6, 3, 3), num_heads=(6, 6, 6),
@@ -281,7 +296,7 @@ class GroupViT(nn.Module):
                  mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.1, patch_norm=True, use_checkpoint=False,
                  pos_embed_type="simple", freeze_patch_embed=False, gumbel_tau=1.0,
-                 gumbel=None, assign_scale=None, assign_cosine=False):
+                 gumbel=None, assign_scale=None, assign_cosine=False, pool_owned=False):
         super().__init__()
         if patch_size not in (4, 8, 16):
             raise ValueError(f"GroupViT: patch_size must be 4, 8 or 16, got {patch_size}")
@@ -311,6 +326,13 @@ class GroupViT(nn.Module):
         self.num_group_tokens = num_group_tokens
         self.num_output_groups = num_output_groups
         self.pos_embed_type = pos_embed_type
+        # recipe option, not in the paper (False = official mean over all final groups): the
+        # pooled embedding averages only the final groups that own a patch under the hard
+        # assignment. A group that owns nothing is a second global token (its features come
+        # from cross-attention to the whole scene), and measured on the embedded recipe such
+        # groups carried the scene's class name more often than the groups the protocol
+        # segments with, so the image-level losses never asked the segmenting groups for it
+        self.pool_owned = bool(pool_owned)
         norm_layer = nn.LayerNorm
 
         self.patch_embed = PatchEmbed(img_size=img_size, kernel_size=patch_size, stride=patch_size,
@@ -474,14 +496,19 @@ class GroupViT(nn.Module):
         x = self.norm(x)  # [B,G,C]
         return x, group_token, attn_dicts
 
-    def forward_image_head(self, x):
-        # mean over the final segment tokens: [B,G,C] -> [B,C]
-        return self.head(x.mean(dim=1))
+    def forward_image_head(self, x, owned=None):
+        """Mean over the final segment tokens, [B,G,C] -> [B,C]; with ``owned`` [B,G] bool only
+        over the groups it marks (at least one per image: every patch has an owner)."""
+        if owned is None:
+            return self.head(x.mean(dim=1))
+        w = owned.to(x.dtype)[..., None]  # [B,G,1]
+        return self.head((x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1))
 
     def forward(self, x, *, return_feat=False, return_attn=False, as_dict=False):
-        x, _, attn_dicts = self.forward_features(x, return_attn=return_attn)
+        x, _, attn_dicts = self.forward_features(x, return_attn=return_attn or self.pool_owned)
         outs = Result(as_dict=as_dict)
-        outs.append(self.forward_image_head(x), name="x")
+        owned = final_group_owners(attn_dicts).sum(dim=-1) > 0.5 if self.pool_owned else None
+        outs.append(self.forward_image_head(x, owned), name="x")
         if return_feat:
             outs.append(x, name="feat")
         if return_attn:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .group_vit import GroupViT, patchify, unpatchify
+from .group_vit import GroupViT, final_group_owners, patchify, unpatchify
 from .layers import Result
 from .losses import (assign_info_loss, claim_log_probs, content_claim_loss, flat_class_loss,
                      group_claim_loss, group_multi_label_loss, image_text_loss, multi_label_loss)
@@ -243,18 +243,8 @@ class MultiLabelContrastive(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     @staticmethod
     def patch_owners(attn_dicts) -> torch.Tensor:
-        """[B,G,N] 0/1: which final group owns each patch under the hard assignments of
-        ``attn_dicts`` (stage maps [B,1,G_l,N_l], chained patches -> stage-1 -> stage-2 groups),
-        without gradient."""
-        own = None
-        for d in attn_dicts:
-            if d is None:
-                continue
-            hard = d["hard"].detach()[:, 0].float()  # [B,1,G,N] -> [B,G,N]
-            own = hard if own is None else torch.bmm(hard, own)  # [B,G_l,N_patches]
-        if own is None:
-            raise ValueError("the image encoder has no grouping stage")
-        return own
+        """[B,G,N] 0/1: which final group owns each patch (``final_group_owners``)."""
+        return final_group_owners(attn_dicts)
 
     @staticmethod
     def owned_groups(attn_dicts=None, *, owners=None) -> torch.Tensor:
