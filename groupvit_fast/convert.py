@@ -36,7 +36,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 __all__ = ["official_to_hf", "hf_to_official", "detect_layout", "ConversionError",
-           "hf_config_dict", "model_config_from_hf", "save_hf_pretrained",
+           "hf_config_dict", "model_config_from_hf", "save_hf_pretrained", "fold_assign_scale",
            "OFFICIAL_PREFIXES", "HF_PREFIXES", "main"]
 
 OFFICIAL_PREFIXES = ("img_encoder.", "text_encoder.", "img_projector.", "text_projector.")
@@ -321,6 +321,17 @@ def hf_config_dict(cfg) -> dict:
             problems.append(f"needs {name}")
     if text.width % 64:
         problems.append(f"text width {text.width} is not a multiple of the head size 64")
+    # recipe options that change what an evaluated model computes and that HF cannot express
+    # (assign_scale can: fold_assign_scale moves it into the weights)
+    if not img.hard_assignment:
+        problems.append("hard_assignment False (HF always assigns hard)")
+    cosine = img.assign_cosine if isinstance(img.assign_cosine, (list, tuple)) \
+        else [img.assign_cosine]
+    if any(cosine):
+        problems.append(f"assign_cosine {img.assign_cosine} (HF assigns by the plain dot "
+                        f"product)")
+    if getattr(img, "pool_owned", False):
+        problems.append("pool_owned True (HF pools all final groups)")
     if problems:
         raise ConversionError("no HF GroupViTConfig for this model: " + "; ".join(problems))
     groups = list(img.num_output_groups)
@@ -352,6 +363,31 @@ def hf_config_dict(cfg) -> dict:
             "layer_norm_eps": 1e-5, "assign_eps": 1.0, "assign_mlp_ratio": [0.5, 4],
         },
     }
+
+
+def fold_assign_scale(sd: Mapping[str, torch.Tensor], cfg) -> dict:
+    """The official state dict ``sd`` with each grouping stage's ``assign_scale`` (a recipe
+    option, ``cfg`` a ``ModelConfig``) moved into its assignment's q projection, so a model
+    that reads the official scale dim**-0.5 (HF, or ours with assign_scale None) computes the
+    same logits s·q·k: q_proj weight and bias times s·sqrt(dim). Exact up to one rounding of
+    each weight; stages at the official scale are left as they are."""
+    img = cfg.img
+    n_blocks = len(img.depths) - 1
+    scales = img.assign_scale if isinstance(img.assign_scale, (list, tuple)) \
+        else [img.assign_scale] * n_blocks
+    out = dict(sd)
+    for i, s in enumerate(scales):
+        if s is None:
+            continue
+        dim = int(img.embed_dim * img.embed_factors[i])
+        factor = float(s) * math.sqrt(dim)
+        for name in ("weight", "bias"):
+            key = f"img_encoder.layers.{i}.downsample.assign.q_proj.{name}"
+            if key not in out:
+                raise ConversionError(f"assign_scale is set for grouping stage {i} but the "
+                                      f"state dict has no {key}")
+            out[key] = out[key] * factor
+    return out
 
 
 def model_config_from_hf(d: Mapping):
@@ -393,7 +429,7 @@ def save_hf_pretrained(sd: Mapping[str, torch.Tensor], out_dir, cfg=None, *,
     if cfg is None:
         cfg = infer_model_config(sd)
     config = hf_config_dict(cfg)
-    hf = official_to_hf(sd, position_ids=position_ids)
+    hf = official_to_hf(fold_assign_scale(sd, cfg), position_ids=position_ids)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
@@ -470,6 +506,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"groupvit-convert: {args.input} ({layout}, {len(sd)} tensors) -> "
                       f"{args.output}/ (HF model directory)")
                 return 0
+            from .checkpoint import _model_config_from_dict, checkpoint_config
+            base = checkpoint_config(obj)
+            if base:  # a recipe's assign_scale lives in the config, HF reads only weights
+                sd = fold_assign_scale(sd, _model_config_from_dict(base))
             out = official_to_hf(sd, position_ids=args.position_ids)
         else:
             if layout == "official":

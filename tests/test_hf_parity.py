@@ -241,3 +241,38 @@ def test_cli_hf_directory_takes_heads_from_our_saved_config(tmp_path):
     assert main([str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
     with open(tmp_path / "hf" / "config.json") as fh:
         assert json.load(fh)["vision_config"]["num_attention_heads"] == 4
+
+
+def test_assign_scale_is_folded_into_the_hf_weights(tmp_path):
+    """A recipe model with assign_scale (the embedded default's [1, 8]) exports to a HF
+    directory that computes the same soft maps, groups and embeddings: the scale moves into
+    the q projection. Options HF cannot express are refused by name."""
+    from groupvit_fast.checkpoint import save_checkpoint
+    from groupvit_fast.convert import ConversionError, main, save_hf_pretrained
+    cfg = small_cfg(0)
+    cfg = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, assign_scale=[1.0, 8.0]))
+    torch.manual_seed(0)
+    ours = perturb(build_model(cfg), seed=31)
+    src = tmp_path / "ours.pth"
+    save_checkpoint(ours, src, config=cfg)
+    assert main([str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = GroupViTModel.from_pretrained(tmp_path / "hf").eval()
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(32))
+    text = tokens(2, 500, 16, seed=33)
+    a = ours_outputs(ours, image, text)
+    check(a, hf_outputs(hf, image, text), "assign_scale [1, 8], HF directory")
+    # without the fold the stage-2 maps differ: the check above is not vacuous
+    plain = perturb(build_model(small_cfg(0)), seed=31)
+    plain.load_state_dict(ours.state_dict())
+    assert (ours_outputs(plain, image, text)["soft"][1] - a["soft"][1]).abs().max() > 1e-2
+    # a file conversion folds the scale too when the checkpoint carries its config
+    assert main([str(src), str(tmp_path / "hf.pth"), "--to", "hf"]) == 0
+    got = torch.load(tmp_path / "hf.pth")
+    key = "vision_model.encoder.stages.1.downsample.assign.q_proj.weight"
+    w = ours.state_dict()["img_encoder.layers.1.downsample.assign.q_proj.weight"]
+    torch.testing.assert_close(got[key], w * 8.0 * math.sqrt(64))
+    for opt, value in (("pool_owned", True), ("assign_cosine", [False, True]),
+                       ("hard_assignment", False)):
+        bad = dataclasses.replace(cfg, img=dataclasses.replace(cfg.img, **{opt: value}))
+        with pytest.raises(ConversionError, match=opt):
+            save_hf_pretrained(ours.state_dict(), tmp_path / f"bad_{opt}", bad)
