@@ -18,7 +18,13 @@ Prints (and writes ``groups_diag.json`` beside the checkpoint):
   maps, each labelled with its patches' true majority class), and how many of them an image uses:
   what the second stage has to merge from;
 - ``fg P / bg P (1 object)``: the medians on scenes with a single object class, where the
-  background rule has the least excuse.
+  background rule has the least excuse; ``fg P (2 classes)`` / ``fg P (3+ classes)``: the object
+  groups' median on scenes with more classes (one group holding several objects must share one
+  name among them);
+- ``owned / unowned groups naming the class (1 object)``: on single-object scenes, the share of
+  final groups that own a patch (hard maps) and of those that own none whose projected embedding
+  is nearest to the scene's class prompt. Groups that own nothing still enter the official pooled
+  embedding, so the image-level losses can be met by them (README, stop 23).
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     oracle, oracle_bg = IoUAccumulator(C), IoUAccumulator(C)
     fgP, bgP, named, n_fg_groups, used = [], [], 0, 0, []
     fgP1, bgP1, used1 = [], [], []
+    fgP_by_k = {2: [], 3: []}  # object groups' max probability, scenes of 2 / 3+ classes
+    owned_ok, owned_n, unowned_ok, unowned_n = 0, 0, 0, 0
     oracle1 = IoUAccumulator(C)
     pooled_ok = pooled_n = 0
     n = min(n_images, len(val))
@@ -54,11 +62,16 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
             xs = [seg.preprocess(s[0])[0] for s in chunk]
             per_image = seg._fast_encode(xs)
             # one pass for the pooled embedding and the stage-1 hard maps
-            enc = model.encode_image(torch.stack(xs), return_attn=True, as_dict=True)
+            enc = model.encode_image(torch.stack(xs), return_feat=True, return_attn=True,
+                                     as_dict=True)
             pooled = F.normalize(enc["image_x"], dim=-1)
             pooled_cls = (pooled @ seg.text_embedding.T).argmax(-1) + 1
+            group_cls = (F.normalize(enc["image_feat"], dim=-1) @ seg.text_embedding.T
+                         ).argmax(-1) + 1  # [B,G]
+            owns = model.owned_groups(enc["attn_dicts"])  # [B,G]
             first = enc["attn_dicts"][0]["hard"][:, 0]  # [B,1,G1,N] -> [B,G1,N]
-            for (img, mask), x, wins, pc, h1 in zip(chunk, xs, per_image, pooled_cls, first):
+            for (img, mask), x, wins, pc, h1, gc, ow in zip(chunk, xs, per_image, pooled_cls,
+                                                            first, group_cls, owns):
                 mask = np.asarray(mask).astype(np.int64)
                 classes = set(np.unique(mask).tolist()) - {0}
                 single = len(classes) == 1
@@ -86,6 +99,8 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                         fgP.append(best)
                         if single:
                             fgP1.append(best)
+                        else:
+                            fgP_by_k[min(len(classes), 3)].append(best)
                     else:
                         bgP.append(best)
                         if single:
@@ -95,6 +110,12 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                 if single:
                     pooled_n += 1
                     pooled_ok += int(pc) in classes
+                    right = np.isin(gc.cpu().numpy(), list(classes))
+                    ow = ow.cpu().numpy()
+                    owned_ok += int(right[ow].sum())
+                    owned_n += int(ow.sum())
+                    unowned_ok += int(right[~ow].sum())
+                    unowned_n += int((~ow).sum())
     med = lambda v: float(np.median(v)) if v else float("nan")  # noqa: E731
     out = {
         "images": n,
@@ -106,6 +127,10 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
         "oracle stage 1": oracle1.summary(names)["mIoU"],
         "stage-1 groups": float(np.mean(used1)),
         "fg P (1 object)": med(fgP1), "bg P (1 object)": med(bgP1),
+        "fg P (2 classes)": med(fgP_by_k[2]), "fg P (3+ classes)": med(fgP_by_k[3]),
+        "owned groups naming the class (1 object)": owned_ok / max(owned_n, 1),
+        "unowned groups naming the class (1 object)":
+            unowned_ok / unowned_n if unowned_n else float("nan"),
         "pooled top-1 (single-object scenes)": pooled_ok / max(pooled_n, 1),
         "logit_scale": float(model.get_logit_scale().detach()),
         "multi_label_logit_scale": float(model.get_multi_label_logit_scale().detach())

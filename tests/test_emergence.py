@@ -119,6 +119,9 @@ def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
     for k in ("oracle", "oracle stage 1"):
         assert 0.0 < out[k] <= 100.0
     assert 1.0 <= out["stage-1 groups"] <= 8 and 1.0 <= out["groups"] <= 4
+    assert 0.0 <= out["owned groups naming the class (1 object)"] <= 1.0
+    unowned = out["unowned groups naming the class (1 object)"]
+    assert unowned != unowned or 0.0 <= unowned <= 1.0  # nan when every group owns a patch
     # the stage-1 maps go through the segmenter's token-grid rule, which refuses a bad count
     from groupvit_fast.seg.transforms import feat_grid
     assert feat_grid(64, 64, 64) == (8, 8) and feat_grid(32, 64, 32) == (4, 8)
