@@ -421,6 +421,8 @@ def test_pool_owned_averages_only_the_groups_that_own_a_patch(training):
     assert pool.state_dict().keys() == base.state_dict().keys()
     b["x"].sum().backward()  # the mask carries no gradient, the owned groups do
     assert pool.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pool_owned needs hard_assignment"):
+        tiny_image(pool_owned=True, hard_assignment=False)
 
 
 @pytest.mark.parametrize("hw,patch,cin", [((64, 64), 8, 3), ((70, 53), 8, 3), ((48, 32), 16, 3),

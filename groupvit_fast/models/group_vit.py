@@ -332,6 +332,9 @@ class GroupViT(nn.Module):
         # from cross-attention to the whole scene), and measured on the embedded recipe such
         # groups carried the scene's class name more often than the groups the protocol
         # segments with, so the image-level losses never asked the segmenting groups for it
+        if pool_owned and not hard_assignment:
+            raise ValueError("GroupViT: pool_owned needs hard_assignment=True (a soft "
+                             "assignment gives every group a share of every patch)")
         self.pool_owned = bool(pool_owned)
         norm_layer = nn.LayerNorm
 
