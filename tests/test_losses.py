@@ -509,6 +509,49 @@ def test_flat_rows_share_flattens_each_group_by_its_share():
         assert float(flat(as_bg)) > float(flat(as_obj)) + 1e-3
 
 
+def test_pool_owned_model_chains_the_ownership_once_per_step(monkeypatch):
+    """With pool_owned the encoder chains the hard maps for its pooling and hands the owners to
+    the group losses: one chain per training step, and the same losses as chaining again."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    from groupvit_fast.models import group_vit, multi_label_contrastive as mlc
+    d = dict(_GROUP_LOSS_MODEL, group_loss_weight=1.0, flat_loss_weight=1.0, flat_rows="share")
+    d["img"] = dict(d["img"], pool_owned=True)
+    torch.manual_seed(0)
+    model = gf.build_model(ModelConfig.from_dict(d)).train()
+    img = torch.randn(4, 3, 32, 32)
+    txt = torch.randint(1, 400, (4, 3, 16))
+    txt[..., 0], txt[..., 6:] = 49406, 0
+    txt[..., 5] = 49407
+    calls = []
+    real = group_vit.final_group_owners
+
+    def counted(attn_dicts):
+        calls.append(1)
+        return real(attn_dicts)
+
+    monkeypatch.setattr(group_vit, "final_group_owners", counted)
+    monkeypatch.setattr(mlc, "final_group_owners", counted)
+    torch.manual_seed(1)
+    once = model(img, txt)
+    assert len(calls) == 1
+    # the same step with the owners dropped from the encoder's outputs: chained again, same losses
+    enc_forward = model.img_encoder.forward
+
+    def without_owners(*a, **k):
+        out = enc_forward(*a, **k)
+        if isinstance(out, dict):
+            out.pop("owners", None)
+        return out
+
+    monkeypatch.setattr(model.img_encoder, "forward", without_owners)
+    torch.manual_seed(1)
+    twice = model(img, txt)
+    assert len(calls) == 3 and set(once) == set(twice) >= {"group_loss", "flat_loss"}
+    for k in once:
+        torch.testing.assert_close(once[k], twice[k])
+
+
 def test_group_claim_loss_without_background_needs_a_group_per_noun():
     """Without the background candidate one noun costs nothing, and two nouns carried by one
     group cost log 2 each, against ~0 for a group each."""

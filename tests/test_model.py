@@ -414,6 +414,9 @@ def test_pool_owned_averages_only_the_groups_that_own_a_patch(training):
     h1, h2 = (d["hard"][:, 0] for d in b["attn_dicts"] if d is not None)  # [B,S1,N], [B,G,S1]
     owned = (h2 @ h1).sum(-1) > 0.5  # [B,G]
     assert bool(owned.any(1).all()) and not bool(owned.all())  # a real subset in some image
+    # the chained owners come back (dict outputs only) for the group losses to reuse
+    torch.testing.assert_close(b["owners"], h2 @ h1)
+    assert "owners" not in a and len(pool(x, return_feat=True)) == 2
     want = torch.stack([b["feat"][i][owned[i]].mean(0) for i in range(3)])  # [B,C]
     torch.testing.assert_close(b["x"], want)
     torch.testing.assert_close(a["x"], a["feat"].mean(1))

@@ -289,6 +289,12 @@ def final_group_owners(attn_dicts) -> torch.Tensor:
     return own
 
 
+def owned_final_groups(owners: torch.Tensor) -> torch.Tensor:
+    """[B,G] bool: the final groups that own at least one patch, from ``final_group_owners``
+    [B,G,N] (0/1, so > 0.5 is exact)."""
+    return owners.sum(dim=-1) > 0.5
+
+
 class GroupViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=384,
                  embed_factors=(1, 1, 1), depths=(6, 3, 3), num_heads=(6, 6, 6),
@@ -510,10 +516,15 @@ class GroupViT(nn.Module):
     def forward(self, x, *, return_feat=False, return_attn=False, as_dict=False):
         x, _, attn_dicts = self.forward_features(x, return_attn=return_attn or self.pool_owned)
         outs = Result(as_dict=as_dict)
-        owned = final_group_owners(attn_dicts).sum(dim=-1) > 0.5 if self.pool_owned else None
+        owners = final_group_owners(attn_dicts) if self.pool_owned else None  # [B,G,N]
+        owned = owned_final_groups(owners) if self.pool_owned else None  # [B,G]
         outs.append(self.forward_image_head(x, owned), name="x")
         if return_feat:
             outs.append(x, name="feat")
         if return_attn:
             outs.append(attn_dicts, name="attn_dicts")
+        if as_dict and owners is not None:
+            # already chained for the pooling: handed on so the group losses need not chain the
+            # maps again (dict outputs only, the official tuple outputs keep their arity)
+            outs.append(owners, name="owners")
         return outs.as_return()

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .group_vit import GroupViT, final_group_owners, patchify, unpatchify
+from .group_vit import GroupViT, final_group_owners, owned_final_groups, patchify, unpatchify
 from .layers import Result
 from .losses import (assign_info_loss, claim_log_probs, content_claim_loss, flat_class_loss,
                      group_claim_loss, group_multi_label_loss, image_text_loss, multi_label_loss)
@@ -219,6 +219,8 @@ class MultiLabelContrastive(nn.Module):
             outs.append(self.img_projector(img_outs["x"]), "image_x")
         if return_attn:
             outs.append(img_outs["attn_dicts"], "attn_dicts")
+        if as_dict and "owners" in img_outs:
+            outs.append(img_outs["owners"], "owners")
         return outs.as_return()
 
     def encode_text(self, text, *, as_dict=False):
@@ -252,7 +254,7 @@ class MultiLabelContrastive(nn.Module):
         their ``patch_owners`` already chained."""
         if owners is None:
             owners = MultiLabelContrastive.patch_owners(attn_dicts)
-        return owners.sum(dim=-1) > 0.5
+        return owned_final_groups(owners)
 
     def _encode_text_and_background(self, text):
         """Texts [B,1+K,L] and the claim background prompt in one text-encoder call (its BN
@@ -360,7 +362,9 @@ class MultiLabelContrastive(nn.Module):
             # prompts that are copies of the caption (captions with fewer than K nouns) name
             # the whole scene, not one object: left out
             valid = (text[:, 1:] != text[:, :1]).any(dim=-1)  # [B,K]
-            owners = self.patch_owners(img_outs["attn_dicts"])  # [B,G,N]
+            owners = img_outs.get("owners")  # chained by a pool_owned encoder, [B,G,N]
+            if owners is None:
+                owners = self.patch_owners(img_outs["attn_dicts"])  # [B,G,N]
             owned = self.owned_groups(owners=owners)
         if claim:
             claim_loss = group_claim_loss(img_outs["image_feat"], owned,
