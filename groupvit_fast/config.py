@@ -97,6 +97,9 @@ class ModelConfig:
     assign_info_stages: List[int] = dataclasses.field(default_factory=lambda: [0])
     #: weight of the H(mean) (share the image) term; 0 = sharpness only
     assign_info_balance: float = 1.0
+    #: where the H(mean) term is taken: 'image' (each image shares itself out among the groups)
+    #: or 'batch' (every group is used by some images of the local batch)
+    assign_info_scope: str = "image"
 
     def to_official(self) -> dict:
         """Keyword arguments of ``MultiLabelContrastive`` in the official nested-dict form."""
@@ -115,7 +118,8 @@ class ModelConfig:
                     content_claim_margin=self.content_claim_margin,
                     assign_info_weight=self.assign_info_weight,
                     assign_info_stages=list(self.assign_info_stages),
-                    assign_info_balance=self.assign_info_balance)
+                    assign_info_balance=self.assign_info_balance,
+                    assign_info_scope=self.assign_info_scope)
 
     def _claim_tokens(self):
         if not self.claim_loss_weight or not self.claim_background_prompt:

@@ -744,6 +744,31 @@ def test_assign_info_loss_matches_naive_and_its_extremes():
         losses.assign_info_loss(torch.rand(4, 8))
 
 
+def test_assign_info_loss_batch_scope_lets_groups_specialise():
+    """scope='batch' takes the H(mean) term over all tokens of the batch (float64 loop): images
+    that each use one group, a different one per image, cost nothing, though per image they
+    are a collapse (1.0); a group no image uses still costs."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    soft = torch.softmax(logits, dim=1)  # [B,S,N]
+    out = losses.assign_info_loss(soft, balance=0.5, scope="batch")
+    p = soft.detach()
+    cond = float(-(p * p.log()).sum(dim=1).mean())
+    pbar = p.mean(dim=(0, 2))
+    marg = -float((pbar * pbar.log()).sum())
+    assert out.item() == pytest.approx(0.5 - (0.5 * marg - cond) / math.log(4), rel=1e-6)
+    out.backward()
+    assert logits.grad.abs().max() > 0
+    per_image = F.one_hot(torch.arange(4), 4).double()[:, :, None].expand(4, 4, 6)  # [B,S,N]
+    assert abs(losses.assign_info_loss(per_image, scope="batch").item()) < 1e-5
+    assert losses.assign_info_loss(per_image).item() == pytest.approx(1.0, abs=1e-5)
+    three = per_image[:3]  # group 3 unused: H(mean) = log 3 < log 4
+    assert losses.assign_info_loss(three, scope="batch").item() == pytest.approx(
+        1 - math.log(3) / math.log(4), abs=1e-5)
+    with pytest.raises(ValueError, match="scope"):
+        losses.assign_info_loss(soft, scope="pixel")
+
+
 def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
     """The option adds assign_info_loss on the stages it names, computed from the noise-free
     softmax of the assignment logits (the training maps' 'soft' recomputed with gradient), and
@@ -792,3 +817,16 @@ def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
                                                   assign_info_balance=2.0)))
     with pytest.raises(ValueError, match="assign_info_weight"):
         gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=-1.0)))
+    with pytest.raises(ValueError, match="assign_info_scope"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, assign_info_weight=1.0,
+                                                  assign_info_scope="pixel")))
+    # the batch scope reaches the model's term
+    batch = gf.build_model(ModelConfig.from_dict(dict(
+        _GROUP_LOSS_MODEL, assign_info_weight=0.5, assign_info_stages=[1],
+        assign_info_scope="batch"))).train()
+    batch.load_state_dict(off.state_dict())
+    torch.manual_seed(1)
+    outb = batch(img, txt)
+    torch.testing.assert_close(outb["assign_info_loss"],
+                               0.5 * losses.assign_info_loss(d["soft_grad"], scope="batch"))
+    assert not torch.allclose(outb["assign_info_loss"], out["assign_info_loss"])

@@ -382,7 +382,7 @@ def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Te
         return (w * ce).sum() / w.sum() - math.log(t.shape[0])
 
 
-def assign_info_loss(soft: torch.Tensor, balance: float = 1.0):
+def assign_info_loss(soft: torch.Tensor, balance: float = 1.0, scope: str = "image"):
     """Assignment-information loss: a recipe option, *not* part of the paper.
 
     soft [B,S,N]: each token's soft assignment over the S groups (softmax over dim 1, no
@@ -392,6 +392,10 @@ def assign_info_loss(soft: torch.Tensor, balance: float = 1.0):
     all go to one group. The information-maximisation objective of discriminative clustering
     (RIM, IIC), per image. ``balance`` weighs the H(mean) term: 0 leaves only the sharpness
     term, mean_n H(p_n) / log S (then one group taking every token also costs 0).
+    ``scope='batch'`` takes the H(mean) term over the whole local batch instead of each image
+    (the codebook-usage term of vector quantisation): every group must be used by *some*
+    images, not by every image, so groups may specialise (one per kind of object) rather than
+    cut each image into equal parts.
 
     Why it was tried: on the embedded recipe, the runs whose first stage groups well assign
     their tokens sharply and those that group badly do not, so the Gumbel noise decides their
@@ -401,12 +405,17 @@ def assign_info_loss(soft: torch.Tensor, balance: float = 1.0):
     if soft.ndim != 3 or soft.shape[1] < 2:
         raise ValueError(f"assign_info_loss: expected soft [B,S,N] with S >= 2, got "
                          f"{tuple(soft.shape)}")
+    if scope not in ("image", "batch"):
+        raise ValueError(f"assign_info_loss: scope must be 'image' or 'batch', got {scope!r}")
     with torch.autocast(soft.device.type, enabled=False):
         p = soft.float().clamp(min=1e-12)
         cond = -(p * p.log()).sum(dim=1).mean(dim=1)  # [B] mean over tokens of H(p_n)
-        pbar = p.mean(dim=2)  # [B,S]
-        marg = -(pbar * pbar.log()).sum(dim=1)  # [B]
-        return balance - (balance * marg - cond).mean() / math.log(soft.shape[1])
+        if scope == "image":
+            pbar = p.mean(dim=2)  # [B,S]
+        else:
+            pbar = p.mean(dim=(0, 2))[None]  # [1,S]
+        marg = -(pbar * pbar.log()).sum(dim=1)  # [B] or [1]
+        return balance - (balance * marg.mean() - cond.mean()) / math.log(soft.shape[1])
 
 
 __all__ = ["image_text_loss", "assign_info_loss", "multi_label_loss", "group_multi_label_loss",

@@ -74,7 +74,8 @@ class MultiLabelContrastive(nn.Module):
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
                  claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
                  content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1,
-                 assign_info_weight=0.0, assign_info_stages=(0,), assign_info_balance=1.0):
+                 assign_info_weight=0.0, assign_info_stages=(0,), assign_info_balance=1.0,
+                 assign_info_scope="image"):
         super().__init__()
         self.img_encoder = build_module(img_encoder)
         self.text_encoder = build_module(text_encoder)
@@ -171,6 +172,10 @@ class MultiLabelContrastive(nn.Module):
         if not 0.0 <= assign_info_balance <= 1.0:
             raise ValueError(f"assign_info_balance must be in [0, 1], got {assign_info_balance}")
         self.assign_info_balance = float(assign_info_balance)
+        if assign_info_scope not in ("image", "batch"):
+            raise ValueError(f"assign_info_scope must be 'image' or 'batch', got "
+                             f"{assign_info_scope!r}")
+        self.assign_info_scope = assign_info_scope
         assigns = [layer.downsample.assign for layer in self.img_encoder.layers
                    if layer.downsample is not None]
         bad = [i for i in self.assign_info_stages if not 0 <= i < len(assigns)]
@@ -353,7 +358,8 @@ class MultiLabelContrastive(nn.Module):
         group_loss = claim_loss = flat_loss = content_loss = claimed = None
         if self.assign_info_weight:
             stages = [d for d in img_outs["attn_dicts"] if d is not None]
-            info = sum(assign_info_loss(stages[i]["soft_grad"], self.assign_info_balance)
+            info = sum(assign_info_loss(stages[i]["soft_grad"], self.assign_info_balance,
+                                        self.assign_info_scope)
                        for i in self.assign_info_stages)
         if per_group:
             if "text_multi_label_x" not in text_outs:
