@@ -24,7 +24,12 @@ Prints (and writes ``groups_diag.json`` beside the checkpoint):
 - ``owned / unowned groups naming the class (1 object)``: on single-object scenes, the share of
   final groups that own a patch (hard maps) and of those that own none whose projected embedding
   is nearest to the scene's class prompt. Groups that own nothing still enter the official pooled
-  embedding, so the image-level losses can be met by them (README, stop 23).
+  embedding, so the image-level losses can be met by them (README, stop 23);
+- ``class pairs split (stage 2)`` / ``(stage 1)``: on scenes with two or more object classes,
+  the share of pairs of classes whose pixels' majority group differs (a group that holds two
+  classes can name only one of them); ``group tokens in use``: how many of the final group
+  tokens own a patch in at least 5% of the images, ``group token use``: each token's share of
+  images (tokens that never own a patch get no gradient from any group-level loss: README, stop 24).
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     fgP_by_k = {2: [], 3: []}  # object groups' max probability, scenes of 2 / 3+ classes
     owned_ok, owned_n, unowned_ok, unowned_n = 0, 0, 0, 0
     oracle1 = IoUAccumulator(C)
+    pairs = split2 = split1 = 0
+    token_use = None
     pooled_ok = pooled_n = 0
     n = min(n_images, len(val))
     samples = [val[i] for i in range(n)]
@@ -69,6 +76,7 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
             group_cls = (F.normalize(enc["image_feat"], dim=-1) @ seg.text_embedding.T
                          ).argmax(-1) + 1  # [B,G]
             owns = model.owned_groups(enc["attn_dicts"])  # [B,G]
+            token_use = owns.float().sum(0) + (0 if token_use is None else token_use)  # [G]
             first = enc["attn_dicts"][0]["hard"][:, 0]  # [B,1,G1,N] -> [B,G1,N]
             for (img, mask), x, wins, pc, h1, gc, ow in zip(chunk, xs, per_image, pooled_cls,
                                                             first, group_cls, owns):
@@ -87,6 +95,10 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
                 g1 = to_mask(h1.argmax(0).reshape(gh, gw), mask.shape)
                 used1.append(len(np.unique(g1)))
                 oracle1.update(majority_labels(g1, mask, C)[0], mask)
+                if len(classes) > 1:
+                    k2, d2 = class_pair_split(g, mask)
+                    d1 = class_pair_split(g1, mask)[1]
+                    pairs, split2, split1 = pairs + k2, split2 + d2, split1 + d1
                 for k in gs:
                     sel = g == k
                     maj = majority[k]
@@ -132,6 +144,10 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
         "unowned groups naming the class (1 object)":
             unowned_ok / unowned_n if unowned_n else float("nan"),
         "pooled top-1 (single-object scenes)": pooled_ok / max(pooled_n, 1),
+        "class pairs split (stage 2)": split2 / pairs if pairs else float("nan"),
+        "class pairs split (stage 1)": split1 / pairs if pairs else float("nan"),
+        "group tokens in use": int(((token_use / n) >= 0.05).sum()),
+        "group token use": [round(float(u) / n, 3) for u in token_use],
         "logit_scale": float(model.get_logit_scale().detach()),
         "multi_label_logit_scale": float(model.get_multi_label_logit_scale().detach())
         if model.with_multi_label else None,
@@ -140,6 +156,17 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     out["class prompt cosine (max off-diagonal)"] = float(
         (t @ t.T - 2 * torch.eye(len(t))).max())
     return out
+
+
+def class_pair_split(g: np.ndarray, mask: np.ndarray):
+    """(pairs, split): the pairs of object classes in ``mask`` (0 = background) and how many of
+    them have different majority groups in the group map ``g`` (same shape)."""
+    classes = sorted(set(np.unique(mask).tolist()) - {0})
+    major = [np.bincount(g[mask == c].ravel()).argmax() for c in classes]
+    n = len(classes)
+    pairs = n * (n - 1) // 2
+    split = sum(major[i] != major[j] for i in range(n) for j in range(i + 1, n))
+    return pairs, int(split)
 
 
 def to_mask(gmap: torch.Tensor, shape) -> np.ndarray:

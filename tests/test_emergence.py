@@ -123,6 +123,14 @@ def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
     assert 0.0 <= out["owned groups naming the class (1 object)"] <= 1.0
     unowned = out["unowned groups naming the class (1 object)"]
     assert unowned != unowned or 0.0 <= unowned <= 1.0  # nan when every group owns a patch
+    use = out["group token use"]
+    assert len(use) == 4 and all(0.0 <= u <= 1.0 for u in use)
+    assert out["group tokens in use"] == sum(u >= 0.05 for u in use) >= 1
+    # class pairs by hand: classes 1 and 2 in group 0, class 3 in group 1 -> 3 pairs, 2 split
+    g = np.array([[0, 0, 1, 1], [0, 0, 1, 0]])
+    mask = np.array([[1, 2, 3, 3], [1, 2, 0, 0]])
+    assert diag.class_pair_split(g, mask) == (3, 2)
+    assert diag.class_pair_split(np.zeros_like(g), mask) == (3, 0)
     # the stage-1 maps go through the segmenter's token-grid rule, which refuses a bad count
     from groupvit_fast.seg.transforms import feat_grid
     assert feat_grid(64, 64, 64) == (8, 8) and feat_grid(32, 64, 32) == (4, 8)
