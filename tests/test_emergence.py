@@ -42,11 +42,35 @@ def test_report_writes_table_json_and_picture(tmp_path, monkeypatch):
     assert out["mIoU"]["all background"] == pytest.approx(want_bg / 7)
     saved = json.load(open(tmp_path / "emergence.json"))
     assert saved["mIoU"] == pytest.approx(out["mIoU"])
+    err = saved["errors (GroupViT trained)"]
+    for k in ("object px called background", "object px called another class",
+              "background px called an object"):
+        assert 0.0 <= err[k] <= 1.0
+    assert err["object px called background"] + err["object px called another class"] <= 1.0
     from PIL import Image
     im = Image.open(tmp_path / "emergence.png")
     assert im.width > 5 * 64 and im.height > 6 * 64
     with pytest.raises(FileNotFoundError, match="no exported checkpoint"):
         latest_export(str(tmp_path))
+
+
+def test_error_breakdown_by_hand():
+    """ErrorBreakdown counts object pixels called background / another class (also by the
+    scene's number of object classes) and background pixels called an object; 255 is ignored."""
+    from groupvit_fast.seg.emergence import ErrorBreakdown
+    e = ErrorBreakdown()
+    mask = np.array([[0, 0, 1, 1], [0, 2, 2, 255]])
+    pred = np.array([[0, 3, 1, 0], [0, 1, 2, 0]])
+    e.update(pred, mask)  # objects: 1,1,2,2 -> right, bg, wrong, right; background: 0,3,0
+    e.update(np.zeros((2, 2), np.int64), np.array([[0, 4], [4, 4]]))  # one class, all missed
+    s = e.summary()
+    assert s["object px called background"] == pytest.approx(4 / 7)
+    assert s["object px called another class"] == pytest.approx(1 / 7)
+    assert s["background px called an object"] == pytest.approx(1 / 4)
+    assert s["object px called another class, by object classes in the scene"] == \
+        pytest.approx({"1": 0.0, "2": 0.25})
+    with pytest.raises(ValueError, match="differ in shape"):
+        e.update(pred[:1], mask)
 
 
 def test_format_table_marks_missing_classes():

@@ -100,6 +100,46 @@ def _select_baseline_thresh(kind, model, text_emb, val, *, img_scale, limit, can
     return best, scores
 
 
+class ErrorBreakdown:
+    """Where a model's pixel errors are: object pixels called background, object pixels called
+    another class (overall and by the scene's number of object classes: a final group that
+    holds two objects can give them only one name), background pixels called an object.
+    Label 0 is background, ``ignore`` is left out."""
+
+    def __init__(self, ignore: int = 255):
+        self.ignore = ignore
+        self.obj = self.obj_bg = self.obj_wrong = self.bg = self.bg_obj = 0
+        self.by_classes = {}  # scene's object classes (3 = 3+) -> [wrong-class px, object px]
+
+    def update(self, pred: np.ndarray, mask: np.ndarray):
+        pred, mask = np.asarray(pred), np.asarray(mask)
+        if pred.shape != mask.shape:
+            raise ValueError(f"ErrorBreakdown: prediction {pred.shape} and mask {mask.shape} "
+                             f"differ in shape")
+        obj = (mask > 0) & (mask != self.ignore)
+        bg = mask == 0
+        wrong = int((obj & (pred > 0) & (pred != mask)).sum())
+        self.obj += int(obj.sum())
+        self.obj_bg += int((obj & (pred == 0)).sum())
+        self.obj_wrong += wrong
+        self.bg += int(bg.sum())
+        self.bg_obj += int((bg & (pred > 0)).sum())
+        k = min(len(np.unique(mask[obj])), 3)
+        if k:
+            row = self.by_classes.setdefault(k, [0, 0])
+            row[0] += wrong
+            row[1] += int(obj.sum())
+
+    def summary(self) -> Dict:
+        frac = lambda a, b: a / b if b else float("nan")  # noqa: E731
+        return {"object px called background": frac(self.obj_bg, self.obj),
+                "object px called another class": frac(self.obj_wrong, self.obj),
+                "background px called an object": frac(self.bg_obj, self.bg),
+                "object px called another class, by object classes in the scene": {
+                    ("3+" if k == 3 else str(k)): frac(a, b)
+                    for k, (a, b) in sorted(self.by_classes.items())}}
+
+
 def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
                      dataset: str = "synthetic", dataset_kw: Optional[dict] = None,
                      limit: Optional[int] = None, grid_images: int = 8, log=print,
@@ -122,6 +162,13 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
     test = build_dataset(dataset, None, split="test", **dkw)
     names = list(test.class_names)
     seg = ZeroShotSegmenter(model, names, bg_thresh=rep["bg_thresh"], **segmenter_kw)
+    # where the trained model's errors are, at its val-chosen threshold
+    errors = ErrorBreakdown()
+    n_err = len(test) if limit is None else min(limit, len(test))
+    for c0 in range(0, n_err, 50):
+        chunk = [test[i] for i in range(c0, min(c0 + 50, n_err))]
+        for pred, (_, mask) in zip(seg.predict_batch([im for im, _ in chunk]), chunk):
+            errors.update(pred, np.asarray(mask))
     for kind, label in (("pixelwise", "pixel-wise baseline"), ("kmeans", "K-means baseline")):
         val_limit = BASELINE_VAL_IMAGES if limit is None else min(limit, BASELINE_VAL_IMAGES)
         thr, _ = _select_baseline_thresh(kind, model, seg.text_embedding, val,
@@ -151,10 +198,18 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
         "mIoU": {k: v["mIoU"] for k, v in results.items()},
         "margin_over_best_baseline": results["GroupViT (trained)"]["mIoU"] - best_baseline,
         "per_class": {k: v["per_class"] for k, v in results.items()},
+        "errors (GroupViT trained)": errors.summary(),
         "table": table,
     }
     log(f"\nZero-shot segmentation, held-out '{dataset}' test split ({n} images; background "
         f"thresholds chosen on val), IoU %:\n{table}")
+    e = summary["errors (GroupViT trained)"]
+    by = ", ".join(f"{k}: {v:.2f}" for k, v in
+                   e["object px called another class, by object classes in the scene"].items())
+    log(f"[emergence] trained model's errors: object pixels called background "
+        f"{e['object px called background']:.2f}, another class "
+        f"{e['object px called another class']:.2f} (by object classes in the scene: {by}); "
+        f"background pixels called an object {e['background px called an object']:.2f}")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         png = save_grid(os.path.join(out_dir, "emergence.png"), seg, test, n=grid_images)
