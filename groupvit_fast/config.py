@@ -76,8 +76,7 @@ class ModelConfig:
     #: flatness loss (losses.flat_class_loss) on the rows that stand for the background:
     #: "mean" (the batch's mean owned group), "pixels" (the same mean, each group weighted by
     #: the patches it owns), "share" (each group on its own, weighted by its share of its
-    #: image's patches), "unclaimed" ("share", sparing each caption noun's best owned group)
-    #: or "background" (groups claiming the background prompt);
+    #: image's patches) or "background" (groups claiming the background prompt);
     #: 0 = official. A recipe option (README)
     flat_loss_weight: float = 0.0
     flat_rows: str = "mean"

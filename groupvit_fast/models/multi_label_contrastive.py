@@ -132,13 +132,9 @@ class MultiLabelContrastive(nn.Module):
         # background prompt (needs claim_loss_weight > 0)
         if flat_loss_weight < 0:
             raise ValueError(f"flat_loss_weight must be >= 0, got {flat_loss_weight}")
-        # 'unclaimed' = 'share' for the groups that are no caption noun's best owned group
-        # (as group_multi_label_loss picks them), 0 for the rest: when a scene is cut into
-        # several groups of similar size, 'share' flattens an object's group as hard as a
-        # background group of its size
-        if flat_rows not in ("mean", "pixels", "share", "unclaimed", "background", "content"):
-            raise ValueError(f"flat_rows must be 'mean', 'pixels', 'share', 'unclaimed', "
-                             f"'background' or 'content', got {flat_rows!r}")
+        if flat_rows not in ("mean", "pixels", "share", "background", "content"):
+            raise ValueError(f"flat_rows must be 'mean', 'pixels', 'share', 'background' or "
+                             f"'content', got {flat_rows!r}")
         if flat_loss_weight and not self.with_multi_label:
             raise ValueError("flat_loss_weight > 0 needs multi_label > 0 (it reads the noun prompts)")
         if flat_loss_weight and flat_rows == "background" and (
@@ -312,18 +308,6 @@ class MultiLabelContrastive(nn.Module):
         out[bi, gi] = emb
         return out
 
-    @staticmethod
-    def noun_best_groups(group_feat, owned, noun_feat, valid) -> torch.Tensor:
-        """[B,G] bool, no gradient: the owned groups that are the best owned group (largest
-        cosine) of at least one valid caption noun of their image."""
-        with torch.no_grad():
-            sim = torch.einsum("bgd,bkd->bgk", F.normalize(group_feat.float(), dim=-1),
-                               F.normalize(noun_feat.float(), dim=-1))  # [B,G,K]
-            sim = sim.masked_fill(~owned[..., None], float("-inf"))
-            best = sim.argmax(dim=1)  # [B,K]
-            hit = F.one_hot(best, group_feat.shape[1]).bool() & valid[..., None]  # [B,K,G]
-            return hit.any(dim=1) & owned  # [B,G]
-
     def _flat_loss(self, group_feat, owners, owned, noun_feat, valid, bg_x, claimed=None):
         """flat_class_loss rows and weights for ``flat_rows`` (see __init__); owners [B,G,N]
         from ``patch_owners``, owned [B,G] from ``owned_groups``."""
@@ -348,10 +332,6 @@ class MultiLabelContrastive(nn.Module):
             # gains by shrinking
             rows = g.reshape(-1, D)  # [B·G,D]
             weights = (owners.sum(dim=-1) / owners.shape[-1]).reshape(-1)  # [B·G]
-        elif self.flat_rows == "unclaimed":
-            rows = g.reshape(-1, D)  # [B·G,D]
-            share = owners.sum(dim=-1) / owners.shape[-1]  # [B,G]
-            weights = (share * ~self.noun_best_groups(g, owned, noun_feat, valid)).reshape(-1)
         else:
             # each owned group's probability of claiming the background among its image's
             # candidates (as in group_claim_loss), not differentiated: it only picks the rows
