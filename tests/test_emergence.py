@@ -28,6 +28,14 @@ def _tiny_model(seed=0):
 
 def test_report_writes_table_json_and_picture(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
+    from groupvit_fast.seg.segmenter import ZeroShotSegmenter
+    predicted = []
+    real_predict = ZeroShotSegmenter.predict_batch
+
+    def counting_predict(self, images, *a, **kw):
+        predicted.append(len(images))
+        return real_predict(self, images, *a, **kw)
+    monkeypatch.setattr(ZeroShotSegmenter, "predict_batch", counting_predict)
     out = emergence_report(_tiny_model(), random_model=_tiny_model(1), out_dir=str(tmp_path),
                            dataset_kw={"cfg": dict(SMALL, n_val=6, n_test=6)}, limit=6,
                            log=lambda *_: None)
@@ -43,6 +51,19 @@ def test_report_writes_table_json_and_picture(tmp_path, monkeypatch):
     saved = json.load(open(tmp_path / "emergence.json"))
     assert saved["mIoU"] == pytest.approx(out["mIoU"])
     err = saved["errors (GroupViT trained)"]
+    # one encoder pass over the 6 test scenes per model (trained, random init) plus the
+    # 6-scene picture: the error breakdown rides the trained model's IoU pass
+    assert sum(predicted) == 6 + 6 + 6
+    # ... and equals the breakdown of a separate pass at the same threshold
+    from groupvit_fast.seg.emergence import ErrorBreakdown
+    monkeypatch.setattr(ZeroShotSegmenter, "predict_batch", real_predict)
+    trained = _tiny_model().eval()
+    seg = ZeroShotSegmenter(trained, list(test.class_names), img_scale=None, mode="whole",
+                            bg_thresh=out["bg_thresh (chosen on val)"]["GroupViT (trained)"])
+    again = ErrorBreakdown()
+    for pred, i in zip(seg.predict_batch([test[i][0] for i in range(6)]), range(6)):
+        again.update(pred, np.asarray(test[i][1]))
+    assert err == json.loads(json.dumps(again.summary()))  # same integer counts
     for k in ("object px called background", "object px called another class",
               "background px called an object"):
         assert 0.0 <= err[k] <= 1.0

@@ -208,6 +208,42 @@ def test_array_dataset_and_batched_segmenter_interface():
     assert r['mIoU'] == pytest.approx(100.0) and r['num_images'] == 5 and Oracle.calls == 3
 
 
+def test_observers_ride_the_same_predictions():
+    """Extra accumulators see every (pred, mask) pair of the one pass, in order, and the
+    segmenter is not called again for them."""
+    rng = np.random.RandomState(1)
+    samples = [(rng.randint(0, 255, (4, 5, 3), dtype=np.uint8), rng.randint(0, 3, (4, 5)))
+               for _ in range(5)]
+    ds = ArrayDataset(samples, ['background', 'x', 'y'])
+    calls = []
+
+    def seg(im):
+        calls.append(1)
+        return (im[..., 1] // 86).astype(np.int64)
+
+    class Recorder:
+        def __init__(self):
+            self.seen, self.reduced = [], 0
+
+        def update(self, pred, mask):
+            self.seen.append((pred.copy(), mask.copy()))
+
+        def all_reduce(self):
+            self.reduced += 1
+    class NoReduce:  # all_reduce is optional
+        def update(self, pred, mask):
+            pass
+    rec = Recorder()
+    r = evaluate_dataset(seg, ds, observers=[rec, NoReduce()])
+    assert len(calls) == 5 and rec.reduced == 1
+    assert len(rec.seen) == 5
+    for (pred, mask), (im, m) in zip(rec.seen, samples):
+        np.testing.assert_array_equal(pred, seg(im))
+        np.testing.assert_array_equal(mask, m)
+    plain = evaluate_dataset(seg, ds)
+    assert r['iou'] == plain['iou'] and r['mIoU'] == plain['mIoU']
+
+
 def _shard_worker(rank, world, port, out):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
@@ -217,7 +253,11 @@ def _shard_worker(rank, world, port, out):
         samples = [(rng.randint(0, 255, (5, 6, 3), dtype=np.uint8), rng.randint(0, 4, (5, 6)))
                    for _ in range(7)]
         ds = ArrayDataset(samples, ['background', 'a', 'b', 'c'])
-        r = evaluate_dataset(lambda im: (im[..., 0] // 64).astype(np.int64), ds)
+        from groupvit_fast.seg.emergence import ErrorBreakdown
+        errors = ErrorBreakdown()
+        r = evaluate_dataset(lambda im: (im[..., 0] // 64).astype(np.int64), ds,
+                             observers=[errors])
+        r['errors'] = errors.summary()
         if rank == 0:
             with open(out, 'w') as f:
                 json.dump(r, f)
@@ -240,8 +280,13 @@ def test_sharded_evaluation_all_reduces_to_single_process_result(tmp_path):
     rng = np.random.RandomState(0)
     samples = [(rng.randint(0, 255, (5, 6, 3), dtype=np.uint8), rng.randint(0, 4, (5, 6)))
                for _ in range(7)]
+    from groupvit_fast.seg.emergence import ErrorBreakdown
+    errors = ErrorBreakdown()
     single = evaluate_dataset(lambda im: (im[..., 0] // 64).astype(np.int64),
-                              ArrayDataset(samples, ['background', 'a', 'b', 'c']))
+                              ArrayDataset(samples, ['background', 'a', 'b', 'c']),
+                              observers=[errors])
+    # the observer's counts are summed over the two shards too
+    assert dist_r['errors'] == json.loads(json.dumps(errors.summary()))  # same integer counts
     assert dist_r['num_images'] == 7
     assert dist_r['iou'] == pytest.approx(single['iou'])
     assert dist_r['mIoU'] == pytest.approx(single['mIoU'])

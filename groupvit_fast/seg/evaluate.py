@@ -46,12 +46,16 @@ def evaluate_dataset(segment_fn, dataset, num_classes: Optional[int] = None, *,
                      class_names: Optional[Sequence[str]] = None, ignore_index: int = 255,
                      images_per_batch: int = 1, rank: Optional[int] = None,
                      world_size: Optional[int] = None, progress: bool = False,
-                     limit: Optional[int] = None, desc: str = 'seg eval') -> Dict:
+                     limit: Optional[int] = None, desc: str = 'seg eval',
+                     observers: Sequence = ()) -> Dict:
     """mIoU of ``segment_fn`` over ``dataset``.
 
     segment_fn: image uint8 [H,W,3] -> label map [H,W]; or an object with ``predict_batch``
         (e.g. ZeroShotSegmenter), which then gets ``images_per_batch`` images per call.
     dataset: indexable, yields (image, mask); ``class_names`` defaults to dataset.class_names.
+    observers: further accumulators with ``update(pred, mask)`` (and optionally
+        ``all_reduce()``, called after the loop) that ride the same predictions, so a second
+        statistic never costs a second encoder pass over the split.
     Returns the metrics summary: mIoU, mAcc, aAcc (x100), per_class {name: {IoU, Acc}},
     num_images, plus 'iou' (per-class list, x100, None for NaN).
     """
@@ -88,8 +92,13 @@ def evaluate_dataset(segment_fn, dataset, num_classes: Optional[int] = None, *,
             if pred.shape != mask.shape:
                 raise ValueError(f'prediction shape {pred.shape} != label shape {mask.shape}')
             acc.update(pred, mask)
+            for obs in observers:
+                obs.update(pred, mask)
     elapsed = time.perf_counter() - t0
     acc.all_reduce()
+    for obs in observers:
+        if hasattr(obs, 'all_reduce'):
+            obs.all_reduce()
     out = acc.summary(names)
     out['iou'] = [out['per_class'][c]['IoU'] for c in names]
     out['seconds'] = elapsed
@@ -136,12 +145,14 @@ def zero_shot_report(model, dataset='synthetic', *, data_root=None, test_split: 
                      val_split: Optional[str] = 'val', bg_thresh: Optional[float] = None,
                      baselines: bool = True, limit: Optional[int] = None,
                      images_per_batch: int = 4, progress: bool = False,
-                     dataset_kw: Optional[dict] = None, **segmenter_kw) -> Dict:
+                     dataset_kw: Optional[dict] = None, observers: Sequence = (),
+                     **segmenter_kw) -> Dict:
     """One call for a training job's final evaluation on a registry data set with splits
     (default: the embedded synthetic one): the background threshold is chosen on ``val_split``
     (unless ``bg_thresh`` is given), GroupViT is evaluated on ``test_split`` and, with
     ``baselines``, the pixel-wise and K-means baselines with the same prompts and threshold.
 
+    observers ride GroupViT's test predictions (see evaluate_dataset).
     segmenter_kw go to ZeroShotSegmenter (e.g. img_scale=None, mode='whole' for 64-px scenes).
     Returns {'bg_thresh', 'bg_selection', 'groupvit', 'pixelwise', 'kmeans'} (metric dicts as
     evaluate_dataset returns them).
@@ -168,7 +179,8 @@ def zero_shot_report(model, dataset='synthetic', *, data_root=None, test_split: 
     out['bg_thresh'] = bg_thresh
     seg = ZeroShotSegmenter(model, names, bg_thresh=bg_thresh, **segmenter_kw)
     out['groupvit'] = evaluate_dataset(seg, test, len(names), images_per_batch=images_per_batch,
-                                       limit=limit, progress=progress, desc='GroupViT')
+                                       limit=limit, progress=progress, desc='GroupViT',
+                                       observers=observers)
     if baselines:
         for kind in ('pixelwise', 'kmeans'):
             fn = make_segment_fn(kind, model, seg.text_embedding, with_bg=seg.with_bg,
