@@ -358,6 +358,30 @@ def test_assign_scale_multiplies_the_assignment_logits():
         tiny_image(assign_scale=[1.0, 0.0])
 
 
+def test_assign_scale_factor_runs_a_stage_below_its_configured_scale():
+    """The training ramp's hook: a factor per grouping stage multiplies the configured scale;
+    factor 1 gives back the configured model exactly, and a bad factor list is refused."""
+    torch.manual_seed(0)
+    m = tiny_image(assign_scale=[1.0, 8.0]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x, return_attn=True, as_dict=True)
+    assert m.assign_scale_factor == [1.0, 1.0]
+    m.assign_scale_factor = [1.0, 0.25]
+    assert [l.downsample.assign.scale for l in m.layers[:2]] == [1.0, 2.0]
+    assert m.assign_scale_factor == [1.0, 0.25]
+    low = m(x, return_attn=True, as_dict=True)["attn_dicts"]
+    torch.testing.assert_close(low[0]["soft"], ref["attn_dicts"][0]["soft"])  # stage 1 as is
+    la, lb = ref["attn_dicts"][1]["soft"].log(), low[1]["soft"].log()
+    torch.testing.assert_close(lb - lb.mean(2, keepdim=True),
+                               0.25 * (la - la.mean(2, keepdim=True)), rtol=1e-3, atol=1e-4)
+    m.assign_scale_factor = [1, 1]
+    torch.testing.assert_close(m(x, as_dict=True)["x"], ref["x"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected 2 factors > 0"):
+        m.assign_scale_factor = [0.5]
+    with pytest.raises(ValueError, match=r"expected 2 factors > 0"):
+        m.assign_scale_factor = [1.0, -1.0]
+
+
 def test_assign_cosine_bounds_the_assignment_logits():
     """With assign_cosine the logits are assign_scale · cos(q, k): the soft map's log-odds between
     any two groups stay within 2·assign_scale, whatever the weights' size, and the stage without

@@ -132,6 +132,31 @@ def test_schedule_matches_timm_semantics():
     assert s.lr_for_step(21) == s.value(20)
 
 
+def test_assign_scale_ramp_values_and_config_errors():
+    from groupvit_fast.training.schedule import assign_scale_factors
+    start = [1.0, 0.125]
+    assert assign_scale_factors(start, 0, 8) == [1.0, 0.125]
+    assert assign_scale_factors(start, 4, 8) == pytest.approx([1.0, 0.5625])
+    assert assign_scale_factors(start, 8, 8) == [1.0, 1.0]
+    assert assign_scale_factors(start, 100, 8) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="ramp_steps"):
+        assign_scale_factors(start, 0, 0)
+    cfg = build_config("default", ["train.assign_ramp_start=[1.0,0.125]",
+                                   "train.assign_ramp_epochs=10"])
+    assert cfg.train.assign_ramp_start == [1.0, 0.125]
+    assert build_config("default").train.assign_ramp_start == []  # off in the default
+    with pytest.raises(ValueError, match=r"one factor > 0 per grouping stage \(2\)"):
+        build_config("default", ["train.assign_ramp_start=[0.5]", "train.assign_ramp_epochs=1"])
+    with pytest.raises(ValueError, match=r"one factor > 0 per grouping stage"):
+        build_config("default", ["train.assign_ramp_start=[1.0,0.0]",
+                                 "train.assign_ramp_epochs=1"])
+    with pytest.raises(ValueError, match=r"assign_ramp_epochs must be in \(0, epochs=20\]"):
+        build_config("default", ["train.assign_ramp_start=[1.0,0.5]"])
+    with pytest.raises(ValueError, match=r"assign_ramp_epochs must be in"):
+        build_config("default", ["train.assign_ramp_start=[1.0,0.5]",
+                                 "train.assign_ramp_epochs=21"])
+
+
 def test_release_schedule_step_counts():
     cfg = build_config("gcc_yfcc")
     steps_per_epoch = 28_663_147 // 4096

@@ -27,7 +27,8 @@ model:
   multi_label: 2
 data: {dataset: random, img_size: 32, length: 32}
 train: {epochs: 3, warmup_epochs: 1, batch_size: 8, micro_batch_size: 2, base_lr: 2.0e-3,
-        warmup_lr: 2.0e-4, min_lr: 1.0e-4, lr_reference_batch: 8, precision: fp32}
+        warmup_lr: 2.0e-4, min_lr: 1.0e-4, lr_reference_batch: 8, precision: fp32,
+        assign_ramp_start: [1.0, 0.25], assign_ramp_epochs: 1}
 checkpoint: {save_every_steps: 3, keep_last: 2}
 monitor: {progress: false, tensorboard: true}
 """
@@ -193,6 +194,10 @@ def test_loss_decreases_and_progress_is_reported(runs):
     # LR follows the schedule: warm-up epoch of 4 steps from 2e-4
     assert m[1]["lr"] == pytest.approx(2e-4) and m[2]["lr"] == pytest.approx(2e-4)
     assert m[3]["lr"] == pytest.approx(2e-4 + (2e-3 - 2e-4) / 4)
+    # the assignment-scale ramp (1 epoch = 4 steps), also across the resume after step 3
+    assert [m[s]["assign_scale_factor/0"] for s in range(1, 7)] == [1.0] * 6
+    assert [m[s]["assign_scale_factor/1"] for s in range(1, 7)] == \
+        pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0, 1.0])
     assert "[train] done: 6 steps" in runs["out_resumed"]
     assert os.listdir(runs["part"] / "tb")
 

@@ -8,7 +8,7 @@ constructor arguments and defaults, forward signature, outputs and state_dict ke
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,8 @@ class AssignAttention(nn.Module):
             raise ValueError("sum_assign=True is not supported (False in every release)")
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
+        # the configured scale; a training schedule may run below it (assign_scale_factor)
+        self.base_scale = self.scale
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -447,6 +449,26 @@ class GroupViT(nn.Module):
         for layer in self.layers:
             if layer.downsample is not None:
                 layer.downsample.assign.gumbel_tau = float(tau)
+
+    @property
+    def assign_scale_factor(self) -> List[float]:
+        """Per grouping stage: the assignment logits' scale as a multiple of the configured one."""
+        return [l.downsample.assign.scale / l.downsample.assign.base_scale
+                for l in self.layers if l.downsample is not None]
+
+    @assign_scale_factor.setter
+    def assign_scale_factor(self, factors: Sequence[float]):
+        """Run each grouping stage's assignment at ``factor`` x its configured scale (a training
+        schedule, ``train.assign_ramp_*``; 1 = as configured). Only the ratio of the logits to
+        the Gumbel noise changes: below 1 the noise decides more assignments, so group tokens
+        that would never win a token still win some and get gradient. Not in the weights."""
+        blocks = [l.downsample.assign for l in self.layers if l.downsample is not None]
+        factors = [float(f) for f in factors]
+        if len(factors) != len(blocks) or not all(f > 0 for f in factors):
+            raise ValueError(f"assign_scale_factor: expected {len(blocks)} factors > 0 (one per "
+                             f"grouping stage), got {factors}")
+        for blk, f in zip(blocks, factors):
+            blk.scale = blk.base_scale * f
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

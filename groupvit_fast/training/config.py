@@ -56,6 +56,12 @@ class OptimSection:
     precision: str = "auto"  # 'auto' (bf16 on a bf16 GPU, else fp32) | 'fp32' | 'bf16' | 'fp16'
     seed: int = 0
     max_steps: Optional[int] = None  # stop early (the schedule still spans all epochs)
+    # Recipe option, not in the paper: each grouping stage's assignment scale starts at
+    # assign_ramp_start[i] x its configured value and rises linearly to it over
+    # assign_ramp_epochs (Gumbel-noise annealing: early on the noise decides more assignments,
+    # so no group token is starved of tokens, and gradient, from the first steps). [] = off
+    assign_ramp_start: List[float] = field(default_factory=list)
+    assign_ramp_epochs: float = 0.0
 
 
 @dataclass
@@ -286,6 +292,14 @@ def validate(cfg: TrainConfig) -> None:
         errs.append(f"train.precision must be auto|fp32|bf16|fp16, got {t.precision!r}")
     if len(t.betas) != 2:
         errs.append(f"train.betas must have 2 values, got {t.betas}")
+    if t.assign_ramp_start:
+        n_stages = sum(1 for g in cfg.model.img.num_group_tokens if g > 0)
+        if len(t.assign_ramp_start) != n_stages or not all(f > 0 for f in t.assign_ramp_start):
+            errs.append(f"train.assign_ramp_start must give one factor > 0 per grouping stage "
+                        f"({n_stages}), got {t.assign_ramp_start}")
+        if not 0 < t.assign_ramp_epochs <= t.epochs:
+            errs.append(f"train.assign_ramp_epochs must be in (0, epochs={t.epochs}] with "
+                        f"assign_ramp_start set, got {t.assign_ramp_epochs}")
     if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errs.append(f"deepspeed.zero_stage must be 0..3, got {cfg.deepspeed.zero_stage}")
     if cfg.checkpoint.save_every_steps < 0:

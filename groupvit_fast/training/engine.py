@@ -25,7 +25,7 @@ from .config import REPO_ROOT, TrainConfig
 from .data import build_loader
 from .monitor import Monitor, NonFiniteLoss, peak_memory_mib
 from .param_groups import param_groups
-from .schedule import build_schedule
+from .schedule import assign_scale_factors, build_schedule
 from ..models.multi_label_contrastive import BEYOND_POOLED_LOSSES
 from .syncbn import convert_sync_batchnorm
 
@@ -388,6 +388,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
         return res
 
     opt_groups = optimizer.param_groups
+    ramp_steps = (max(1, round(t.assign_ramp_epochs * steps_per_epoch))
+                  if t.assign_ramp_start else 0)
     it = iter(loader)
     losses_hist, step_times = [], []
     images_per_s = 0.0
@@ -404,6 +406,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             lr = sched.lr_for_step(step)
             for g in opt_groups:
                 g["lr"] = lr
+            if ramp_steps:
+                factors = assign_scale_factors(t.assign_ramp_start, step, ramp_steps)
+                engine.module.img_encoder.assign_scale_factor = factors
             t0 = time.perf_counter()
             use_gc = t.grad_cache and plan.grad_accum > 1
             micro = []
@@ -470,6 +475,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                        "images_per_s": images_per_s, "epoch": float(epoch)}
             for k, v in zip(loss_keys, acc[1:]):
                 scalars[f"loss/{k}"] = v
+            if ramp_steps:
+                for i, f in enumerate(factors):
+                    scalars[f"assign_scale_factor/{i}"] = f
             losses_hist.append(acc[0])
             mon.step(step, scalars)
             every = cfg.checkpoint.save_every_steps
@@ -479,6 +487,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             ev = cfg.monitor.eval_every_steps
             if ev and step % ev == 0 and step < stop_at:
                 eval_res = evaluate()
+        if ramp_steps:
+            # what is saved, exported and evaluated is the configured model (the factor is not
+            # in the weights), also when max_steps stopped the run inside the ramp
+            engine.module.img_encoder.assign_scale_factor = [1.0] * len(t.assign_ramp_start)
         if saved_at != step:
             save()
         export_path = None

@@ -54,3 +54,14 @@ def build_schedule(train_cfg, steps_per_epoch: int, global_batch: int) -> Cosine
         warmup_lr=scale_lr(train_cfg.warmup_lr, global_batch, ref),
         total_steps=train_cfg.epochs * steps_per_epoch,
         warmup_steps=train_cfg.warmup_epochs * steps_per_epoch)
+
+
+def assign_scale_factors(start, step: int, ramp_steps: int):
+    """Per grouping stage, the multiple of the configured assignment scale at optimizer step
+    ``step`` (0-based): ``start[i]`` at step 0, rising linearly to 1 at ``ramp_steps`` and 1
+    after (``train.assign_ramp_*``). A function of the step alone, so a resumed run continues
+    the ramp exactly. Empty ``start``: no ramp (all ones is the caller's default)."""
+    if ramp_steps < 1:
+        raise ValueError(f"assign_scale_factors: ramp_steps must be >= 1, got {ramp_steps}")
+    a = min(max(step, 0) / ramp_steps, 1.0)
+    return [float(s0) + (1.0 - float(s0)) * a for s0 in start]
