@@ -98,7 +98,9 @@ class ModelConfig:
     #: weight of the H(mean) (share the image) term; 0 = sharpness only
     assign_info_balance: float = 1.0
     #: where the H(mean) term is taken: 'image' (each image shares itself out among the groups)
-    #: or 'batch' (every group is used by some images of the local batch)
+    #: or 'batch' (every group is used by some images of the local batch) or 'objects' (over
+    #: the batch, among the tokens outside each image's largest group, the background:
+    #: MultiLabelContrastive.object_tokens)
     assign_info_scope: str = "image"
 
     def to_official(self) -> dict:

@@ -769,6 +769,86 @@ def test_assign_info_loss_batch_scope_lets_groups_specialise():
         losses.assign_info_loss(soft, scope="pixel")
 
 
+def test_assign_info_loss_select_and_drop_restrict_the_term():
+    """select keeps only some tokens, drop removes a group from each image's distributions
+    (renormalised, log(S-1)): against a float64 loop, and the background-free extremes."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    soft = torch.softmax(logits, dim=1)  # [B,S,N]
+    select = torch.rand(3, 5, generator=g) > 0.4
+    select[2] = False  # an image with no selected token adds nothing
+    select[0, 0] = True
+    bg = torch.tensor([0, 2, 1])
+    drop = F.one_hot(bg, 4).bool()
+    out = losses.assign_info_loss(soft, scope="batch", select=select, drop=drop)
+    rows, hs = [], []
+    for b in range(3):
+        for n in range(5):
+            if select[b, n]:
+                q = soft[b, :, n].detach().clone()
+                q[bg[b]] = 0
+                q = q / q.sum()
+                rows.append(q)
+                hs.append(-float((q.clamp(min=1e-12) * q.clamp(min=1e-12).log()).sum()))
+    pbar = torch.stack(rows).mean(0).clamp(min=1e-12)
+    want = 1 - (-float((pbar * pbar.log()).sum()) - sum(hs) / len(hs)) / math.log(3)
+    assert out.item() == pytest.approx(want, rel=1e-6)
+    out.backward()
+    assert logits.grad[2].abs().max() == 0 and logits.grad[0].abs().max() > 0
+    # per image: the same restriction, image 2 left out of the mean
+    img = losses.assign_info_loss(soft.detach(), select=select, drop=drop)
+    want_img = []
+    for b in range(2):
+        qs = []
+        for n in range(5):
+            if select[b, n]:
+                q = soft[b, :, n].detach().clone()
+                q[bg[b]] = 0
+                qs.append(q / q.sum())
+        qs = torch.stack(qs).clamp(min=1e-12)
+        cond = float(-(qs * qs.log()).sum(1).mean())
+        pb = qs.mean(0)
+        want_img.append(1 - (-float((pb * pb.log()).sum()) - cond) / math.log(3))
+    assert img.item() == pytest.approx(sum(want_img) / 2, rel=1e-6)
+    # objects sharply on the three other groups, one group per image: no cost over the batch
+    sharp = torch.zeros(3, 4, 2, dtype=torch.float64)
+    for b, s_ in enumerate([1, 2, 3]):
+        sharp[b, 0, 0] = 1  # the background token on group 0 (dropped, not selected)
+        sharp[b, s_, 1] = 1
+    sel = torch.tensor([[False, True]] * 3)
+    d0 = F.one_hot(torch.zeros(3, dtype=torch.long), 4).bool()
+    assert abs(losses.assign_info_loss(sharp, scope="batch", select=sel, drop=d0).item()) < 1e-6
+    assert losses.assign_info_loss(sharp, select=torch.zeros(3, 2, dtype=torch.bool)).item() == 0
+    with pytest.raises(ValueError, match=r"select must be \[B,N\]"):
+        losses.assign_info_loss(soft, select=select[:, :2])
+    with pytest.raises(ValueError, match=r"drop must be \[B,S\]"):
+        losses.assign_info_loss(soft, drop=drop[:2])
+    with pytest.raises(ValueError, match="at most S - 2"):
+        losses.assign_info_loss(soft, drop=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_object_tokens_leave_out_the_largest_final_group():
+    """object_tokens chains the hard maps to patch counts: the stage's largest group (by
+    patches, not by input tokens) is dropped, and the inputs assigned elsewhere that hold a
+    patch are selected."""
+    from groupvit_fast.models.multi_label_contrastive import MultiLabelContrastive
+    # stage 0: 6 patches -> 3 groups; patches 0-3 in group 0, 4 in group 1, group 2 empty
+    h0 = torch.zeros(1, 1, 3, 6)
+    h0[0, 0, 0, :4] = 1
+    h0[0, 0, 1, 4] = 1
+    h0[0, 0, 1, 5] = 1
+    # stage 1: 3 inputs -> 2 groups; input 0 (4 patches) -> group 1; inputs 1, 2 -> group 0
+    h1 = torch.zeros(1, 1, 2, 3)
+    h1[0, 0, 1, 0] = 1
+    h1[0, 0, 0, 1] = 1
+    h1[0, 0, 0, 2] = 1
+    select, drop = MultiLabelContrastive.object_tokens([{"hard": h0}, {"hard": h1}], 1)
+    assert drop.tolist() == [[False, True]]  # group 1 holds 4 of 6 patches
+    assert select.tolist() == [[False, True, False]]  # input 2 holds no patch
+    sel0, drop0 = MultiLabelContrastive.object_tokens([{"hard": h0}, {"hard": h1}], 0)
+    assert drop0.tolist() == [[True, False, False]] and sel0.tolist() == [[False] * 4 + [True] * 2]
+
+
 def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
     """The option adds assign_info_loss on the stages it names, computed from the noise-free
     softmax of the assignment logits (the training maps' 'soft' recomputed with gradient), and
@@ -830,3 +910,25 @@ def test_model_assign_info_option_reads_the_noise_free_soft_assignment():
     torch.testing.assert_close(outb["assign_info_loss"],
                                0.5 * losses.assign_info_loss(d["soft_grad"], scope="batch"))
     assert not torch.allclose(outb["assign_info_loss"], out["assign_info_loss"])
+    # the objects scope: the batch term on the tokens outside each image's largest group
+    with pytest.raises(ValueError, match=r">= 3 groups at every stage it reads; stage\(s\) \[1\]"):
+        gf.build_model(ModelConfig.from_dict(dict(
+            _GROUP_LOSS_MODEL, assign_info_weight=0.5, assign_info_stages=[1],
+            assign_info_scope="objects")))  # 2 final groups
+    torch.manual_seed(0)
+    objs = gf.build_model(ModelConfig.from_dict(dict(
+        _GROUP_LOSS_MODEL, img=dict(_GROUP_LOSS_MODEL["img"], num_group_tokens=[6, 4, 0],
+                                    num_output_groups=[6, 4]),
+        assign_info_weight=0.5, assign_info_stages=[1], assign_info_scope="objects"))).train()
+    torch.manual_seed(1)
+    outo = objs(img, txt)
+    torch.manual_seed(1)
+    maps = [x for x in objs.img_encoder(img, return_attn=True, as_dict=True)["attn_dicts"]
+            if x is not None]
+    select, drop = objs.object_tokens(maps, 1)
+    assert bool(select.any()) and drop.sum(dim=1).tolist() == [1] * 4
+    torch.testing.assert_close(outo["assign_info_loss"], 0.5 * losses.assign_info_loss(
+        maps[1]["soft_grad"], scope="batch", select=select, drop=drop))
+    objs.zero_grad()
+    outo["assign_info_loss"].backward()
+    assert objs.img_encoder.layers[1].downsample.assign.q_proj.weight.grad.abs().sum() > 0

@@ -382,7 +382,8 @@ def flat_class_loss(rows: torch.Tensor, weights: torch.Tensor, prompts: torch.Te
         return (w * ce).sum() / w.sum() - math.log(t.shape[0])
 
 
-def assign_info_loss(soft: torch.Tensor, balance: float = 1.0, scope: str = "image"):
+def assign_info_loss(soft: torch.Tensor, balance: float = 1.0, scope: str = "image",
+                     select: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None):
     """Assignment-information loss: a recipe option, *not* part of the paper.
 
     soft [B,S,N]: each token's soft assignment over the S groups (softmax over dim 1, no
@@ -397,6 +398,13 @@ def assign_info_loss(soft: torch.Tensor, balance: float = 1.0, scope: str = "ima
     images, not by every image, so groups may specialise (one per kind of object) rather than
     cut each image into equal parts.
 
+    select [B,N] bool: only these tokens take part (None: all); drop [B,S] bool: groups left
+    out of each image's distributions, which are renormalised over the others, and log S
+    becomes log(S - most groups dropped in an image). Together they restrict the term to part
+    of the image, e.g. the stage-1 groups outside the image's largest final group (the
+    background; ``MultiLabelContrastive``'s ``assign_info_scope='objects'``). Images with no
+    selected token add nothing.
+
     Why it was tried: on the embedded recipe, the runs whose first stage groups well assign
     their tokens sharply and those that group badly do not, so the Gumbel noise decides their
     groups. Measured (README, stop 21): with balance 1 the first stage met the term by tiling
@@ -407,15 +415,40 @@ def assign_info_loss(soft: torch.Tensor, balance: float = 1.0, scope: str = "ima
                          f"{tuple(soft.shape)}")
     if scope not in ("image", "batch"):
         raise ValueError(f"assign_info_loss: scope must be 'image' or 'batch', got {scope!r}")
+    B, S, N = soft.shape
+    if select is not None and tuple(select.shape) != (B, N):
+        raise ValueError(f"assign_info_loss: select must be [B,N] = {(B, N)}, got "
+                         f"{tuple(select.shape)}")
+    if drop is not None and tuple(drop.shape) != (B, S):
+        raise ValueError(f"assign_info_loss: drop must be [B,S] = {(B, S)}, got "
+                         f"{tuple(drop.shape)}")
     with torch.autocast(soft.device.type, enabled=False):
-        p = soft.float().clamp(min=1e-12)
-        cond = -(p * p.log()).sum(dim=1).mean(dim=1)  # [B] mean over tokens of H(p_n)
+        p = soft.float()
+        k = S
+        if drop is not None:
+            k = S - int(drop.sum(dim=1).max())
+            if k < 2:
+                raise ValueError(f"assign_info_loss: at most S - 2 = {S - 2} groups may be "
+                                 f"dropped per image, got {S - k}")
+            p = p.masked_fill(drop[:, :, None], 0.0)
+            p = p / p.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        p = p.clamp(min=1e-12)
+        w = (torch.ones(B, N, device=p.device) if select is None
+             else select.float())  # [B,N] token weights
+        if not bool((w > 0).any()):
+            return soft.sum() * 0.0
+        h = -(p * p.log()).sum(dim=1)  # [B,N] H(p_n)
         if scope == "image":
-            pbar = p.mean(dim=2)  # [B,S]
+            rows = w.sum(dim=1) > 0  # images with a selected token
+            wn = w[rows] / w[rows].sum(dim=1, keepdim=True)  # [b,N]
+            cond = (h[rows] * wn).sum(dim=1)  # [b]
+            pbar = (p[rows] * wn[:, None]).sum(dim=2)  # [b,S]
         else:
-            pbar = p.mean(dim=(0, 2))[None]  # [1,S]
-        marg = -(pbar * pbar.log()).sum(dim=1)  # [B] or [1]
-        return balance - (balance * marg.mean() - cond.mean()) / math.log(soft.shape[1])
+            wn = w / w.sum()  # [B,N]
+            cond = (h * wn).sum()[None]  # [1]
+            pbar = (p * wn[:, None]).sum(dim=(0, 2))[None]  # [1,S]
+        marg = -(pbar * pbar.clamp(min=1e-12).log()).sum(dim=1)  # [b] or [1]
+        return balance - (balance * marg.mean() - cond.mean()) / math.log(k)
 
 
 __all__ = ["image_text_loss", "assign_info_loss", "multi_label_loss", "group_multi_label_loss",

@@ -172,8 +172,8 @@ class MultiLabelContrastive(nn.Module):
         if not 0.0 <= assign_info_balance <= 1.0:
             raise ValueError(f"assign_info_balance must be in [0, 1], got {assign_info_balance}")
         self.assign_info_balance = float(assign_info_balance)
-        if assign_info_scope not in ("image", "batch"):
-            raise ValueError(f"assign_info_scope must be 'image' or 'batch', got "
+        if assign_info_scope not in ("image", "batch", "objects"):
+            raise ValueError(f"assign_info_scope must be 'image', 'batch' or 'objects', got "
                              f"{assign_info_scope!r}")
         self.assign_info_scope = assign_info_scope
         assigns = [layer.downsample.assign for layer in self.img_encoder.layers
@@ -184,6 +184,13 @@ class MultiLabelContrastive(nn.Module):
                              f"got {list(assign_info_stages)}")
         for i in self.assign_info_stages:
             assigns[i].track_soft = bool(self.assign_info_weight)
+        blocks = [layer.downsample for layer in self.img_encoder.layers
+                  if layer.downsample is not None]
+        small = [i for i in self.assign_info_stages if blocks[i].num_output_group < 3]
+        if self.assign_info_weight and assign_info_scope == "objects" and small:
+            raise ValueError(f"assign_info_scope='objects' leaves out each image's largest group "
+                             f"and needs >= 3 groups at every stage it reads; stage(s) {small} "
+                             f"have fewer")
 
     @property
     def with_multi_label(self):
@@ -340,6 +347,35 @@ class MultiLabelContrastive(nn.Module):
             rows, weights = g.reshape(-1, D), p_bg.reshape(-1)  # [B·G,D], [B·G]
         return flat_class_loss(rows, weights, noun_feat.reshape(-1, D), valid.reshape(-1), s)
 
+    def _assign_info(self, stages, i):
+        """assign_info_loss of grouping stage ``i`` (stages: the encoder's attn_dicts)."""
+        soft = stages[i]["soft_grad"]  # [B,S,N]
+        if self.assign_info_scope != "objects":
+            return assign_info_loss(soft, self.assign_info_balance, self.assign_info_scope)
+        select, drop = self.object_tokens(stages, i)
+        return assign_info_loss(soft, self.assign_info_balance, "batch", select=select,
+                                drop=drop)
+
+    @staticmethod
+    @torch.no_grad()
+    def object_tokens(stages, i):
+        """For ``assign_info_scope='objects'``: which input tokens of grouping stage ``i`` lie
+        outside the image's largest group of that stage (taken as the background: it holds
+        most patches in scenes of a few objects), as select [B,N] (inputs that hold a patch and
+        are assigned elsewhere), and that group as drop [B,S] (one-hot). The usage term then
+        asks the other groups to share the *objects* over the batch, one kind of object per
+        group, while the background keeps one group. Read from the training (Gumbel) hard
+        assignments, no gradient."""
+        hard = stages[i]["hard"][:, 0].float()  # [B,1,S,N] -> [B,S,N]
+        size = hard.new_ones(hard.shape[0], stages[0]["hard"].shape[-1])  # [B,patches]
+        for d in stages[:i]:  # -> [B,N] patches held by each input token of stage i
+            size = torch.einsum("bsn,bn->bs", d["hard"][:, 0].float(), size)
+        group_size = torch.einsum("bsn,bn->bs", hard, size)  # [B,S]
+        bg = group_size.argmax(dim=1)  # [B]
+        drop = F.one_hot(bg, hard.shape[1]).bool()  # [B,S]
+        select = (hard.argmax(dim=1) != bg[:, None]) & (size > 0)  # [B,N]
+        return select, drop
+
     def forward_train(self, image, text):
         claim = bool(self.claim_loss_weight)
         flat = bool(self.flat_loss_weight)
@@ -358,9 +394,7 @@ class MultiLabelContrastive(nn.Module):
         group_loss = claim_loss = flat_loss = content_loss = claimed = None
         if self.assign_info_weight:
             stages = [d for d in img_outs["attn_dicts"] if d is not None]
-            info = sum(assign_info_loss(stages[i]["soft_grad"], self.assign_info_balance,
-                                        self.assign_info_scope)
-                       for i in self.assign_info_stages)
+            info = sum(self._assign_info(stages, i) for i in self.assign_info_stages)
         if per_group:
             if "text_multi_label_x" not in text_outs:
                 raise ValueError(f"group_loss_weight / claim_loss_weight need texts [B,1+K,L], "
