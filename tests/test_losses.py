@@ -771,7 +771,8 @@ def test_assign_info_loss_batch_scope_lets_groups_specialise():
 
 def test_assign_info_loss_select_and_drop_restrict_the_term():
     """select keeps only some tokens, drop removes a group from each image's distributions
-    (renormalised, log(S-1)): against a float64 loop, and the background-free extremes."""
+    (renormalised, log(S-1)): against a float64 loop, and the background-free extremes. An
+    image with no selected token costs `balance`, so a collapse cannot meet the term."""
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     soft = torch.softmax(logits, dim=1)  # [B,S,N]
@@ -792,7 +793,8 @@ def test_assign_info_loss_select_and_drop_restrict_the_term():
                 hs.append(-float((q.clamp(min=1e-12) * q.clamp(min=1e-12).log()).sum()))
     pbar = torch.stack(rows).mean(0).clamp(min=1e-12)
     want = 1 - (-float((pbar * pbar.log()).sum()) - sum(hs) / len(hs)) / math.log(3)
-    assert out.item() == pytest.approx(want, rel=1e-6)
+    # image 2 has no selected token: it costs balance (1), weighted 1/3
+    assert out.item() == pytest.approx(2 / 3 * want + 1 / 3, rel=1e-6)
     out.backward()
     assert logits.grad[2].abs().max() == 0 and logits.grad[0].abs().max() > 0
     # per image: the same restriction, image 2 left out of the mean
@@ -809,7 +811,7 @@ def test_assign_info_loss_select_and_drop_restrict_the_term():
         cond = float(-(qs * qs.log()).sum(1).mean())
         pb = qs.mean(0)
         want_img.append(1 - (-float((pb * pb.log()).sum()) - cond) / math.log(3))
-    assert img.item() == pytest.approx(sum(want_img) / 2, rel=1e-6)
+    assert img.item() == pytest.approx((sum(want_img) + 1.0) / 3, rel=1e-6)
     # objects sharply on the three other groups, one group per image: no cost over the batch
     sharp = torch.zeros(3, 4, 2, dtype=torch.float64)
     for b, s_ in enumerate([1, 2, 3]):
@@ -818,7 +820,12 @@ def test_assign_info_loss_select_and_drop_restrict_the_term():
     sel = torch.tensor([[False, True]] * 3)
     d0 = F.one_hot(torch.zeros(3, dtype=torch.long), 4).bool()
     assert abs(losses.assign_info_loss(sharp, scope="batch", select=sel, drop=d0).item()) < 1e-6
-    assert losses.assign_info_loss(sharp, select=torch.zeros(3, 2, dtype=torch.bool)).item() == 0
+    # ... and putting every token in one group (nothing selected) costs what a collapse costs
+    none = torch.zeros(3, 2, dtype=torch.bool)
+    for scope in ("image", "batch"):
+        assert losses.assign_info_loss(sharp, scope=scope, select=none).item() == 1.0
+        assert losses.assign_info_loss(sharp, scope=scope, select=none,
+                                       balance=0.5).item() == 0.5
     with pytest.raises(ValueError, match=r"select must be \[B,N\]"):
         losses.assign_info_loss(soft, select=select[:, :2])
     with pytest.raises(ValueError, match=r"drop must be \[B,S\]"):
