@@ -133,18 +133,12 @@ class ErrorBreakdown:
     def all_reduce(self) -> None:
         """Sum the counts over torch.distributed ranks (each saw its shard), if initialised."""
         import torch
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        dev = (torch.device("cuda", torch.cuda.current_device())
-               if dist.get_backend() == "nccl" else torch.device("cpu"))
+        from .metrics import all_reduce_sum
         flat = [self.obj, self.obj_bg, self.obj_wrong, self.bg, self.bg_obj]
         for k in (1, 2, 3):
             flat += self.by_classes.get(k, [0, 0])
-        # float64 holds pixel counts exactly up to 2**53
-        buf = torch.tensor(flat, dtype=torch.float64, device=dev)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        v = [int(round(x)) for x in buf.cpu().tolist()]
+        v = [int(round(x)) for x in
+             all_reduce_sum(torch.tensor(flat, dtype=torch.float64)).tolist()]
         self.obj, self.obj_bg, self.obj_wrong, self.bg, self.bg_obj = v[:5]
         self.by_classes = {k: v[5 + 2 * (k - 1):7 + 2 * (k - 1)] for k in (1, 2, 3)
                            if v[6 + 2 * (k - 1)] > 0}

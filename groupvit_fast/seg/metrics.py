@@ -10,6 +10,19 @@ import numpy as np
 import torch
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (float64, any shape) summed over torch.distributed ranks; itself when not
+    initialised or on one rank. Counts of pixels stay exact in float64 up to 2**53."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    dev = (torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl'
+           else torch.device('cpu'))
+    buf = values.to(dev).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
 def intersect_and_union(pred, label, num_classes: int, ignore_index: int = 255):
     """Per-class (intersect, union, area_pred, area_label) of one image as float64 [C] tensors.
 
@@ -51,15 +64,9 @@ class IoUAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the areas (and image counts) over torch.distributed ranks, if initialised."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        backend = dist.get_backend()
-        dev = torch.device('cuda', torch.cuda.current_device()) if backend == 'nccl' else torch.device('cpu')
-        buf = torch.cat([self.area.reshape(-1),
-                         torch.tensor([float(self.num_images)], dtype=torch.float64)]).to(dev)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf = buf.cpu()
+        buf = all_reduce_sum(torch.cat([self.area.reshape(-1),
+                                        torch.tensor([float(self.num_images)],
+                                                     dtype=torch.float64)]))
         self.area = buf[:-1].reshape(4, self.num_classes).clone()
         self.num_images = int(round(buf[-1].item()))
 
