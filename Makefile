@@ -19,10 +19,10 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 export DS_BUILD_OPS ?= 0
 export HF_HUB_OFFLINE ?= 1
-# DeepSpeed JIT-builds its CPU shared-memory op (deepspeed_shm_comm) at every run start through
-# torch.utils.cpp_extension; in the shared ~/.cache/torch_extensions, a run of another checkout
-# (other venv, other source paths) rebuilds the same .so in place while this one loads it. Each
-# environment keeps its own build cache.
+# DeepSpeed passes its CPU shared-memory op (deepspeed_shm_comm) through torch's JIT build at
+# every run start (ninja: a no-op when nothing changed). In the shared ~/.cache/torch_extensions
+# the build file names the venv's source paths, so a run of another checkout (other venv)
+# relinks the same .so in place while this one loads it. Each environment keeps its own cache.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export TRANSFORMERS_OFFLINE ?= 1
 
