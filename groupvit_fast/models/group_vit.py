@@ -436,8 +436,13 @@ class GroupViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     @property
+    def grouping_blocks(self) -> List["GroupingBlock"]:
+        """The GroupingBlocks in stage order (stage i = the i-th grouping stage)."""
+        return [l.downsample for l in self.layers if l.downsample is not None]
+
+    @property
     def gumbel_tau(self) -> float:
-        taus = [l.downsample.assign.gumbel_tau for l in self.layers if l.downsample is not None]
+        taus = [b.assign.gumbel_tau for b in self.grouping_blocks]
         return taus[0] if taus else 1.0
 
     @gumbel_tau.setter
@@ -446,15 +451,13 @@ class GroupViT(nn.Module):
         option, not a release setting)."""
         if tau <= 0:
             raise ValueError(f"gumbel_tau must be > 0, got {tau}")
-        for layer in self.layers:
-            if layer.downsample is not None:
-                layer.downsample.assign.gumbel_tau = float(tau)
+        for b in self.grouping_blocks:
+            b.assign.gumbel_tau = float(tau)
 
     @property
     def assign_scale_factor(self) -> List[float]:
         """Per grouping stage: the assignment logits' scale as a multiple of the configured one."""
-        return [l.downsample.assign.scale / l.downsample.assign.base_scale
-                for l in self.layers if l.downsample is not None]
+        return [b.assign.scale / b.assign.base_scale for b in self.grouping_blocks]
 
     @assign_scale_factor.setter
     def assign_scale_factor(self, factors: Sequence[float]):
@@ -462,13 +465,13 @@ class GroupViT(nn.Module):
         schedule, ``train.assign_ramp_*``; 1 = as configured). Only the ratio of the logits to
         the Gumbel noise changes: below 1 the noise decides more assignments, so group tokens
         that would never win a token still win some and get gradient. Not in the weights."""
-        blocks = [l.downsample.assign for l in self.layers if l.downsample is not None]
+        assigns = [b.assign for b in self.grouping_blocks]
         factors = [float(f) for f in factors]
-        if len(factors) != len(blocks) or not all(f > 0 for f in factors):
-            raise ValueError(f"assign_scale_factor: expected {len(blocks)} factors > 0 (one per "
+        if len(factors) != len(assigns) or not all(f > 0 for f in factors):
+            raise ValueError(f"assign_scale_factor: expected {len(assigns)} factors > 0 (one per "
                              f"grouping stage), got {factors}")
-        for blk, f in zip(blocks, factors):
-            blk.scale = blk.base_scale * f
+        for a, f in zip(assigns, factors):
+            a.scale = a.base_scale * f
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

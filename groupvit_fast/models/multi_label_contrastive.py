@@ -176,16 +176,13 @@ class MultiLabelContrastive(nn.Module):
             raise ValueError(f"assign_info_scope must be 'image', 'batch' or 'objects', got "
                              f"{assign_info_scope!r}")
         self.assign_info_scope = assign_info_scope
-        assigns = [layer.downsample.assign for layer in self.img_encoder.layers
-                   if layer.downsample is not None]
-        bad = [i for i in self.assign_info_stages if not 0 <= i < len(assigns)]
+        blocks = self.img_encoder.grouping_blocks
+        bad = [i for i in self.assign_info_stages if not 0 <= i < len(blocks)]
         if bad or not self.assign_info_stages:
-            raise ValueError(f"assign_info_stages must name grouping stages 0..{len(assigns) - 1}, "
+            raise ValueError(f"assign_info_stages must name grouping stages 0..{len(blocks) - 1}, "
                              f"got {list(assign_info_stages)}")
         for i in self.assign_info_stages:
-            assigns[i].track_soft = bool(self.assign_info_weight)
-        blocks = [layer.downsample for layer in self.img_encoder.layers
-                  if layer.downsample is not None]
+            blocks[i].assign.track_soft = bool(self.assign_info_weight)
         small = [i for i in self.assign_info_stages if blocks[i].num_output_group < 3]
         if self.assign_info_weight and assign_info_scope == "objects" and small:
             raise ValueError(f"assign_info_scope='objects' leaves out each image's largest group "
