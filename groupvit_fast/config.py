@@ -80,6 +80,10 @@ class ModelConfig:
     #: 0 = official. A recipe option (README)
     flat_loss_weight: float = 0.0
     flat_rows: str = "mean"
+    #: the flatness term moves only the group embeddings: the noun prompts and the multi-label
+    #: temperature enter it as constants. Otherwise it can also be met by pulling the prompts
+    #: together or cooling the temperature, which dulls every group's naming. A recipe option
+    flat_groups_only: bool = False
     #: content claim loss (losses.content_claim_loss): each caption noun must be carried by the
     #: group whose pixels alone show it; with flat_rows="content" every owned group that
     #: claims no noun is flattened; 0 = official. A recipe option (README)
@@ -115,6 +119,7 @@ class ModelConfig:
                     claim_loss_weight=self.claim_loss_weight,
                     claim_background_tokens=self._claim_tokens(),
                     flat_loss_weight=self.flat_loss_weight, flat_rows=self.flat_rows,
+                    flat_groups_only=self.flat_groups_only,
                     content_claim_weight=self.content_claim_weight,
                     content_claim_images=self.content_claim_images,
                     content_claim_margin=self.content_claim_margin,

@@ -509,6 +509,36 @@ def test_flat_rows_share_flattens_each_group_by_its_share():
         assert float(flat(as_bg)) > float(flat(as_obj)) + 1e-3
 
 
+def test_flat_groups_only_leaves_prompts_and_temperature_alone():
+    """flat_groups_only: the flatness term has the same value, the same gradient for the groups,
+    and none for the noun prompts or the multi-label temperature (without it, both get one:
+    pulling the prompts together or cooling the temperature also flattens a group)."""
+    import groupvit_fast as gf
+    from groupvit_fast.config import ModelConfig
+    B, G, N, K, D = 3, 3, 10, 2, 16
+    torch.manual_seed(2)
+    feat0 = torch.randn(B, G, D, dtype=torch.float64)
+    nouns0 = torch.randn(B, K, D, dtype=torch.float64)
+    valid = torch.ones(B, K, dtype=torch.bool)
+    owner_of = torch.tensor([[0] * 8 + [1] * 2, [1] * 5 + [2] * 5, [2] * 9 + [0]])
+    owners = F.one_hot(owner_of, G).permute(0, 2, 1).double()  # [B,G,N]
+    got = {}
+    for only in (False, True):
+        torch.manual_seed(0)
+        model = gf.build_model(ModelConfig.from_dict(dict(
+            _GROUP_LOSS_MODEL, flat_loss_weight=1.0, flat_rows="share", flat_groups_only=only)))
+        feat, nouns = feat0.clone().requires_grad_(True), nouns0.clone().requires_grad_(True)
+        loss = model._flat_loss(feat, owners, model.owned_groups(owners=owners), nouns, valid,
+                                None)
+        loss.backward()
+        got[only] = (float(loss), feat.grad.clone(), nouns.grad,
+                     model.multi_label_logit_scale.grad)
+    assert got[True][0] == got[False][0]
+    torch.testing.assert_close(got[True][1], got[False][1])
+    assert float(got[False][2].abs().sum()) > 0 and float(got[False][3].abs()) > 0
+    assert got[True][2] is None and got[True][3] is None
+
+
 def test_pool_owned_model_chains_the_ownership_once_per_step(monkeypatch):
     """With pool_owned the encoder chains the hard maps for its pooling and hands the owners to
     the group losses: one chain per training step, and the same losses as chaining again."""

@@ -73,6 +73,7 @@ class MultiLabelContrastive(nn.Module):
                  proj_num_layers=2, multi_label=0, share_temperature=False,
                  multi_label_loss_weight=1.0, group_loss_weight=0.0, claim_loss_weight=0.0,
                  claim_background_tokens=None, flat_loss_weight=0.0, flat_rows="mean",
+                 flat_groups_only=False,
                  content_claim_weight=0.0, content_claim_images=16, content_claim_margin=0.1,
                  assign_info_weight=0.0, assign_info_stages=(0,), assign_info_balance=1.0,
                  assign_info_scope="image"):
@@ -163,6 +164,10 @@ class MultiLabelContrastive(nn.Module):
         self.content_claim_margin = float(content_claim_margin)
         self.flat_loss_weight = float(flat_loss_weight)
         self.flat_rows = flat_rows
+        # the flatness term's targets (noun prompts, multi-label temperature) as constants: the
+        # uniform distribution is then reached only by moving the groups, not by pulling the
+        # prompts together or cooling the temperature, which would dull every group's naming
+        self.flat_groups_only = bool(flat_groups_only)
         # recipe option, not in the paper (0 = official): assign_info_loss on the soft
         # assignment of the grouping stages listed in assign_info_stages (0 = the first)
         if assign_info_weight < 0:
@@ -342,7 +347,10 @@ class MultiLabelContrastive(nn.Module):
             logp, _ = claim_log_probs(group_feat, noun_feat, valid, bg_x, s)
             p_bg = logp[..., -1].detach().exp() * owned.float()  # [B,G]
             rows, weights = g.reshape(-1, D), p_bg.reshape(-1)  # [B·G,D], [B·G]
-        return flat_class_loss(rows, weights, noun_feat.reshape(-1, D), valid.reshape(-1), s)
+        prompts = noun_feat.reshape(-1, D)  # [B·K,D]
+        if self.flat_groups_only:
+            prompts, s = prompts.detach(), s.detach()
+        return flat_class_loss(rows, weights, prompts, valid.reshape(-1), s)
 
     def _assign_info(self, stages, i):
         """assign_info_loss of grouping stage ``i`` (stages: the encoder's attn_dicts)."""
