@@ -537,6 +537,8 @@ def test_flat_groups_only_leaves_prompts_and_temperature_alone():
     torch.testing.assert_close(got[True][1], got[False][1])
     assert float(got[False][2].abs().sum()) > 0 and float(got[False][3].abs()) > 0
     assert got[True][2] is None and got[True][3] is None
+    with pytest.raises(ValueError, match="flat_groups_only needs flat_loss_weight"):
+        gf.build_model(ModelConfig.from_dict(dict(_GROUP_LOSS_MODEL, flat_groups_only=True)))
 
 
 def test_pool_owned_model_chains_the_ownership_once_per_step(monkeypatch):

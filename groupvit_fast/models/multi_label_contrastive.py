@@ -167,6 +167,9 @@ class MultiLabelContrastive(nn.Module):
         # the flatness term's targets (noun prompts, multi-label temperature) as constants: the
         # uniform distribution is then reached only by moving the groups, not by pulling the
         # prompts together or cooling the temperature, which would dull every group's naming
+        if flat_groups_only and not flat_loss_weight:
+            raise ValueError("flat_groups_only needs flat_loss_weight > 0 (it only changes what "
+                             "the flatness term may move)")
         self.flat_groups_only = bool(flat_groups_only)
         # recipe option, not in the paper (0 = official): assign_info_loss on the soft
         # assignment of the grouping stages listed in assign_info_stages (0 = the first)
