@@ -142,6 +142,9 @@ class MultiLabelContrastive(nn.Module):
                 not claim_loss_weight or claim_background_tokens is None):
             raise ValueError("flat_rows='background' needs claim_loss_weight > 0 and a claim "
                              "background prompt")
+        if flat_groups_only and not flat_loss_weight:
+            raise ValueError("flat_groups_only needs flat_loss_weight > 0 (it only changes what "
+                             "the flatness term may move)")
         # recipe option, not in the paper (0 = official): content_claim_loss, each caption noun
         # must be carried by the group whose pixels alone show it (read by the model itself on
         # an image tiled with that group's patches); flat_rows='content' then flattens every
@@ -167,9 +170,6 @@ class MultiLabelContrastive(nn.Module):
         # the flatness term's targets (noun prompts, multi-label temperature) as constants: the
         # uniform distribution is then reached only by moving the groups, not by pulling the
         # prompts together or cooling the temperature, which would dull every group's naming
-        if flat_groups_only and not flat_loss_weight:
-            raise ValueError("flat_groups_only needs flat_loss_weight > 0 (it only changes what "
-                             "the flatness term may move)")
         self.flat_groups_only = bool(flat_groups_only)
         # recipe option, not in the paper (0 = official): assign_info_loss on the soft
         # assignment of the grouping stages listed in assign_info_stages (0 = the first)

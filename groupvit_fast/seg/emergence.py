@@ -132,7 +132,6 @@ class ErrorBreakdown:
 
     def all_reduce(self) -> None:
         """Sum the counts over torch.distributed ranks (each saw its shard), if initialised."""
-        import torch
         from .metrics import all_reduce_sum
         flat = [self.obj, self.obj_bg, self.obj_wrong, self.bg, self.bg_obj]
         for k in (1, 2, 3):
