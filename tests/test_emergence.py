@@ -188,3 +188,26 @@ def test_groups_diag_reads_both_stages(tmp_path, monkeypatch):
     assert maj == {0: 2, 1: 0} and pred.tolist() == [[2, 2, 0], [2, 0, 0]]
     up = diag.to_mask(torch.tensor([[0, 1], [2, 3]]), (4, 4))
     assert up.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+def test_emergence_follows_the_recipes_eval_geometry(tmp_path, monkeypatch):
+    """The emergence step segments at the run's monitor.eval_options.img_scale (as the
+    training-time eval does): the encoder sees the resized scenes, the masks are scored at the
+    scenes' own size, and the JSON records the scale."""
+    from groupvit_fast.seg.emergence import recipe_eval_geometry
+    from groupvit_fast.training.config import build_config
+    tc = build_config("default", ["monitor.eval_options.img_scale=[512,128]"])
+    assert recipe_eval_geometry(tc.to_dict()) == {"img_scale": (512, 128), "mode": "whole"}
+    assert recipe_eval_geometry(build_config("default", []).to_dict()) == \
+        {"img_scale": None, "mode": "whole"}
+    assert recipe_eval_geometry(None) == {}
+    monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
+    model = _tiny_model()
+    seen = set()
+    model.img_encoder.register_forward_pre_hook(lambda m, a: seen.add(tuple(a[0].shape[-2:])))
+    out = emergence_report(model, out_dir=str(tmp_path), limit=3, log=lambda *_: None,
+                           dataset_kw={"cfg": dict(SMALL, n_val=3, n_test=3)},
+                           img_scale=(512, 128), mode="whole")
+    assert seen == {(128, 128)}
+    assert json.load(open(tmp_path / "emergence.json"))["img_scale"] == [512, 128]
+    assert 0.0 <= out["mIoU"]["GroupViT (trained)"] <= 100.0

@@ -203,6 +203,7 @@ def emergence_report(model, *, random_model=None, out_dir: Optional[str] = None,
     best_baseline = max(results["pixel-wise baseline"]["mIoU"], results["K-means baseline"]["mIoU"])
     summary = {
         "dataset": dataset, "split": "test", "images": n, "bg_thresh (chosen on val)": thresholds,
+        "img_scale": segmenter_kw["img_scale"],
         "mIoU": {k: v["mIoU"] for k, v in results.items()},
         "margin_over_best_baseline": results["GroupViT (trained)"]["mIoU"] - best_baseline,
         "per_class": {k: v["per_class"] for k, v in results.items()},
@@ -253,6 +254,27 @@ def trained_synthetic_options(cfg) -> Optional[dict]:
     return dict(syn) if isinstance(syn, dict) and syn else None
 
 
+#: the segmenter's geometry keys of a recipe's ``monitor.eval_options`` that the emergence step
+#: follows, so it segments the held-out scenes as the run's own evaluation does
+GEOMETRY_KEYS = ("img_scale", "mode", "crop", "stride")
+
+
+def recipe_eval_geometry(cfg) -> dict:
+    """``img_scale`` / ``mode`` / ``crop`` / ``stride`` of a training config dict's
+    ``monitor.eval_options`` (lists become tuples); {} for official configs or none set."""
+    if not isinstance(cfg, dict):
+        return {}
+    opts = (cfg.get("monitor") or {}).get("eval_options") or {}
+    if not isinstance(opts, dict):
+        return {}
+    out = {}
+    for k in GEOMETRY_KEYS:
+        if k in opts:
+            v = opts[k]
+            out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init comparison model")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--img-scale", type=int, default=None, metavar="SHORT",
+                   help="resize the scenes so their short side is SHORT before segmenting (0: "
+                        "their own size); default: the run's monitor.eval_options.img_scale")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,7 +296,13 @@ def main(argv=None) -> int:
     from ..config import build_model
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     obj = read_checkpoint(ckpt)
-    syn = trained_synthetic_options(obj.get("config") if isinstance(obj, dict) else None)
+    run_cfg = obj.get("config") if isinstance(obj, dict) else None
+    syn = trained_synthetic_options(run_cfg)
+    geometry = recipe_eval_geometry(run_cfg)
+    if args.img_scale is not None:
+        if args.img_scale < 0:
+            p.error(f"--img-scale must be >= 0, got {args.img_scale}")
+        geometry["img_scale"] = (4 * args.img_scale, args.img_scale) if args.img_scale else None
     model = load_checkpoint(obj)
     torch.manual_seed(args.seed)
     # load_checkpoint builds through build_model, which keeps the config: the twin gets the
@@ -281,8 +312,11 @@ def main(argv=None) -> int:
                        else os.path.dirname(os.path.abspath(ckpt)))
     if syn:
         print(f"emergence: held-out scenes from the run's generator options {syn}", flush=True)
+    if geometry.get("img_scale"):
+        print(f"emergence: scenes resized to img_scale {geometry['img_scale']} (long, short) "
+              f"before segmenting", flush=True)
     emergence_report(model, random_model=random_model, out_dir=out, limit=args.limit,
-                     dataset_kw={"cfg": syn} if syn else None)
+                     dataset_kw={"cfg": syn} if syn else None, **geometry)
     return 0
 
 
