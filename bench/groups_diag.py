@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 
-def diagnose(model, n_images: int = 200, dataset_kw=None):
+def diagnose(model, n_images: int = 200, dataset_kw=None, img_scale=None):
     from groupvit_fast.seg.datasets import build_dataset
     from groupvit_fast.seg.metrics import IoUAccumulator
     from groupvit_fast.seg.segmenter import ZeroShotSegmenter
@@ -50,7 +50,7 @@ def diagnose(model, n_images: int = 200, dataset_kw=None):
     val = build_dataset("synthetic", None, split="val", **(dataset_kw or {}))
     names = list(val.class_names)
     C = len(names)
-    seg = ZeroShotSegmenter(model, names, img_scale=None, mode="whole")
+    seg = ZeroShotSegmenter(model, names, img_scale=img_scale, mode="whole")
     oracle, oracle_bg = IoUAccumulator(C), IoUAccumulator(C)
     fgP, bgP, named, n_fg_groups, used = [], [], 0, 0, []
     fgP1, bgP1, used1 = [], [], []
@@ -192,6 +192,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pth or a training run directory")
     p.add_argument("--images", type=int, default=200)
+    p.add_argument("--img-scale", type=int, default=0, metavar="SHORT",
+                   help="resize the scenes so their short side is SHORT first (0: own size)")
     args = p.parse_args(argv)
     from groupvit_fast.checkpoint import load_checkpoint, read_checkpoint
     from groupvit_fast.seg.emergence import latest_export, trained_synthetic_options
@@ -199,10 +201,12 @@ def main(argv=None):
     obj = read_checkpoint(ckpt)
     syn = trained_synthetic_options(obj.get("config") if isinstance(obj, dict) else None)
     model = load_checkpoint(obj)
-    res = diagnose(model, args.images, {"cfg": syn} if syn else None)
+    scale = (4 * args.img_scale, args.img_scale) if args.img_scale > 0 else None
+    res = diagnose(model, args.images, {"cfg": syn} if syn else None, img_scale=scale)
     for k, v in res.items():
         print(f"{k:40s} {v if not isinstance(v, float) else round(v, 4)}")
-    out = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "groups_diag.json")
+    out = os.path.join(os.path.dirname(os.path.abspath(ckpt)),
+                       f"groups_diag_s{args.img_scale}.json" if scale else "groups_diag.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     return 0
