@@ -195,6 +195,8 @@ def main(argv=None):
     p.add_argument("--img-scale", type=int, default=0, metavar="SHORT",
                    help="resize the scenes so their short side is SHORT first (0: own size)")
     args = p.parse_args(argv)
+    if args.img_scale < 0:
+        p.error(f"--img-scale must be >= 0, got {args.img_scale}")
     from groupvit_fast.checkpoint import load_checkpoint, read_checkpoint
     from groupvit_fast.seg.emergence import latest_export, trained_synthetic_options
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint

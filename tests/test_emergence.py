@@ -201,6 +201,10 @@ def test_emergence_follows_the_recipes_eval_geometry(tmp_path, monkeypatch):
     assert recipe_eval_geometry(build_config("default", []).to_dict()) == \
         {"img_scale": None, "mode": "whole"}
     assert recipe_eval_geometry(None) == {}
+    # a run evaluated on another dataset keeps its geometry to itself
+    voc = build_config("default", ["monitor.eval_dataset=voc",
+                                   "monitor.eval_options.img_scale=[2048,448]"])
+    assert recipe_eval_geometry(voc.to_dict()) == {}
     monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
     model = _tiny_model()
     seen = set()

@@ -261,10 +261,15 @@ GEOMETRY_KEYS = ("img_scale", "mode", "crop", "stride")
 
 def recipe_eval_geometry(cfg) -> dict:
     """``img_scale`` / ``mode`` / ``crop`` / ``stride`` of a training config dict's
-    ``monitor.eval_options`` (lists become tuples); {} for official configs or none set."""
+    ``monitor.eval_options`` (lists become tuples) when that eval is of the embedded scenes
+    (``monitor.eval_dataset: synthetic``); {} otherwise: a run evaluated on VOC carries VOC's
+    448-px geometry, which would blow the 64-px scenes up sevenfold."""
     if not isinstance(cfg, dict):
         return {}
-    opts = (cfg.get("monitor") or {}).get("eval_options") or {}
+    monitor = cfg.get("monitor") or {}
+    if not isinstance(monitor, dict) or monitor.get("eval_dataset") != "synthetic":
+        return {}
+    opts = monitor.get("eval_options") or {}
     if not isinstance(opts, dict):
         return {}
     out = {}
