@@ -192,23 +192,22 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pth or a training run directory")
     p.add_argument("--images", type=int, default=200)
-    p.add_argument("--img-scale", type=int, default=0, metavar="SHORT",
+    from groupvit_fast.seg.emergence import (latest_export, short_side_scale,
+                                             trained_synthetic_options)
+    p.add_argument("--img-scale", type=short_side_scale, default=None, metavar="SHORT",
                    help="resize the scenes so their short side is SHORT first (0: own size)")
     args = p.parse_args(argv)
-    if args.img_scale < 0:
-        p.error(f"--img-scale must be >= 0, got {args.img_scale}")
     from groupvit_fast.checkpoint import load_checkpoint, read_checkpoint
-    from groupvit_fast.seg.emergence import latest_export, trained_synthetic_options
     ckpt = latest_export(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     obj = read_checkpoint(ckpt)
     syn = trained_synthetic_options(obj.get("config") if isinstance(obj, dict) else None)
     model = load_checkpoint(obj)
-    scale = (4 * args.img_scale, args.img_scale) if args.img_scale > 0 else None
+    scale = args.img_scale
     res = diagnose(model, args.images, {"cfg": syn} if syn else None, img_scale=scale)
     for k, v in res.items():
         print(f"{k:40s} {v if not isinstance(v, float) else round(v, 4)}")
     out = os.path.join(os.path.dirname(os.path.abspath(ckpt)),
-                       f"groups_diag_s{args.img_scale}.json" if scale else "groups_diag.json")
+                       f"groups_diag_s{scale[1]}.json" if scale else "groups_diag.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     return 0

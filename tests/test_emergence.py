@@ -205,6 +205,14 @@ def test_emergence_follows_the_recipes_eval_geometry(tmp_path, monkeypatch):
     voc = build_config("default", ["monitor.eval_dataset=voc",
                                    "monitor.eval_options.img_scale=[2048,448]"])
     assert recipe_eval_geometry(voc.to_dict()) == {}
+    # --img-scale SHORT (emergence and groups_diag share the parser type)
+    import argparse
+    from groupvit_fast.seg.emergence import main, short_side_scale
+    assert short_side_scale("96") == (384, 96) and short_side_scale("0") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 0, got -1"):
+        short_side_scale("-1")
+    with pytest.raises(SystemExit):  # refused while parsing, before any checkpoint is read
+        main(["--checkpoint", str(tmp_path / "missing.pth"), "--img-scale", "-1"])
     monkeypatch.setenv("GROUPVIT_FAST_CACHE", str(tmp_path / "cache"))
     model = _tiny_model()
     seen = set()

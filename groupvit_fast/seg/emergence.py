@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -254,6 +254,16 @@ def trained_synthetic_options(cfg) -> Optional[dict]:
     return dict(syn) if isinstance(syn, dict) and syn else None
 
 
+def short_side_scale(text: str) -> Optional[Tuple[int, int]]:
+    """argparse type of ``--img-scale SHORT``: the segmenter's keep-ratio ``img_scale`` (long,
+    short) for a short side of SHORT (the long side may reach 4x it), or None for 0 (the scenes'
+    own size)."""
+    short = int(text)
+    if short < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {short}")
+    return (4 * short, short) if short else None
+
+
 #: the segmenter's geometry keys of a recipe's ``monitor.eval_options`` that the emergence step
 #: follows, so it segments the held-out scenes as the run's own evaluation does
 GEOMETRY_KEYS = ("img_scale", "mode", "crop", "stride")
@@ -291,7 +301,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init comparison model")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--img-scale", type=int, default=None, metavar="SHORT",
+    p.add_argument("--img-scale", type=short_side_scale, default=argparse.SUPPRESS,
+                   metavar="SHORT",
                    help="resize the scenes so their short side is SHORT before segmenting (0: "
                         "their own size); default: the run's monitor.eval_options.img_scale")
     args = p.parse_args(argv)
@@ -304,10 +315,8 @@ def main(argv=None) -> int:
     run_cfg = obj.get("config") if isinstance(obj, dict) else None
     syn = trained_synthetic_options(run_cfg)
     geometry = recipe_eval_geometry(run_cfg)
-    if args.img_scale is not None:
-        if args.img_scale < 0:
-            p.error(f"--img-scale must be >= 0, got {args.img_scale}")
-        geometry["img_scale"] = (4 * args.img_scale, args.img_scale) if args.img_scale else None
+    if "img_scale" in vars(args):  # given: overrides the recipe's, 0 included
+        geometry["img_scale"] = args.img_scale
     model = load_checkpoint(obj)
     torch.manual_seed(args.seed)
     # load_checkpoint builds through build_model, which keeps the config: the twin gets the
