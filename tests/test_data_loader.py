@@ -74,6 +74,32 @@ def test_normalisation_matches_decoded_pixels(syn, backend):
     np.testing.assert_allclose(got, want, atol=0.02)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zoom_p_zooms_that_share_of_samples(syn, backend):
+    # full-image crops pass every scene through unchanged; zoomed ones (a quarter of the area,
+    # upscaled 2x) match no scene. The share of unmatched images is zoom_p, drawn per sample
+    from groupvit_fast.data.shards import iter_tar_samples
+    raw = torch.from_numpy(np.stack([
+        np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        for p in ensure_shards(syn[0], syn[1], splits=("train",))["train"]
+        for _, s in iter_tar_samples(p)])).float().div(255).permute(0, 3, 1, 2)  # [N, 3, 64, 64]
+    shares = {}
+    for zoom_p in (0.0, 0.5, 1.0):
+        cfg = _cfg(syn, backend, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0,
+                   zoom_p=zoom_p, zoom_crop_scale=(0.25, 0.25))
+        images, _ = next(iter(build_train_loader(cfg, batch_size=256, seed=0)))
+        pix = images * torch.tensor(cfg.std).view(1, 3, 1, 1) + torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        # mean |difference| to the nearest scene, in 0..1 pixel units: [256]
+        dist = torch.cdist(pix.flatten(1), raw.flatten(1), p=1).min(1).values / pix[0].numel()
+        shares[zoom_p] = (dist > 0.02).float().mean().item()
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0, shares
+    assert 0.35 < shares[0.5] < 0.65, shares
+    with pytest.raises(ValueError, match="zoom_crop_scale"):
+        DataConfig(zoom_crop_scale=(0.5, 0.25))
+    with pytest.raises(ValueError, match="zoom_p"):
+        DataConfig(zoom_p=1.5)
+
+
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_dali_and_torch_agree_in_distribution(syn):
     # the official augmentation (RRC 0.08-1, flip, RandAugment m9, erasing 0.25) on both loaders

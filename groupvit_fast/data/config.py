@@ -25,6 +25,12 @@ class DataConfig:
     # RandomResizedCrop (timm/torchvision semantics)
     crop_scale: Tuple[float, float] = (0.08, 1.0)
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    #: a recipe option, not in the release: each training sample takes its crop area from
+    #: zoom_crop_scale instead of crop_scale with probability zoom_p (0 = off, the release), so
+    #: part of every batch sees objects enlarged as they are when a scene is segmented at a
+    #: larger size than it was trained at
+    zoom_p: float = 0.0
+    zoom_crop_scale: Tuple[float, float] = (0.25, 1.0)
     hflip: float = 0.5
     # RandAugment 'rand-m9-mstd0.5-inc1': n=2 ops, magnitude 9 of 10
     randaugment: bool = True
@@ -65,8 +71,13 @@ class DataConfig:
             self.synthetic = SyntheticConfig(**self.synthetic)
         self.crop_scale = tuple(self.crop_scale)
         self.crop_ratio = tuple(self.crop_ratio)
-        if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise ValueError(f"DataConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        self.zoom_crop_scale = tuple(self.zoom_crop_scale)
+        for name in ("crop_scale", "zoom_crop_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1] <= 1):
+                raise ValueError(f"DataConfig.{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {lo_hi}")
+        if not 0 <= self.zoom_p <= 1:
+            raise ValueError(f"DataConfig.zoom_p is a probability in [0, 1], got {self.zoom_p}")
         if not 0 <= self.erasing_p <= 1 or not 0 <= self.hflip <= 1:
             raise ValueError("DataConfig.erasing_p and hflip are probabilities in [0, 1]")
         if self.randaugment_interp not in ("linear", "nearest"):

@@ -453,12 +453,21 @@ def build_dali_pipeline(cfg: DataConfig, paths: Sequence[str], index_paths: Sequ
         info = fn.get_property(jpg, key="source_info")
         if train:
             # decode only the crop window (nvJPEG/libjpeg ROI decode), then resize: timm's RRC
-            img = fn.decoders.image_random_crop(
-                jpg, device=decode_device, output_type=types.RGB,
-                random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
-                num_attempts=10)
-            # antialiased like PIL's bilinear resize in timm's RandomResizedCrop
-            img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            def rrc(area):
+                out = fn.decoders.image_random_crop(
+                    jpg, device=decode_device, output_type=types.RGB,
+                    random_area=list(area), random_aspect_ratio=list(cfg.crop_ratio),
+                    num_attempts=10)
+                # antialiased like PIL's bilinear resize in timm's RandomResizedCrop
+                return fn.resize(out, size=[size, size], interp_type=types.INTERP_LINEAR,
+                                 antialias=True)
+            img = rrc(cfg.crop_scale)
+            if cfg.zoom_p > 0:
+                # both crops are decoded and one is kept per sample: a per-sample choice of
+                # random_area without conditionals (uint8 x {0,1} sums are exact)
+                zoom = fn.random.coin_flip(probability=cfg.zoom_p, dtype=types.UINT8)
+                img = fn.cast(img * (1 - zoom) + rrc(cfg.zoom_crop_scale) * zoom,
+                              dtype=types.UINT8)
             if use_ra:
                 from nvidia.dali.auto_aug import rand_augment
                 # 11 bins: m=9 is 9/10 of the maximal magnitude, timm's rand-m9 scale

@@ -50,9 +50,13 @@ def random_erasing_(x: torch.Tensor, p: float, generator: Optional[torch.Generat
 def pil_train_transform(cfg: DataConfig):
     """torchvision/PIL training transform (fallback loader): RRC, flip, RandAugment, normalise."""
     from torchvision import transforms as T
-    ops = [T.RandomResizedCrop(cfg.image_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio,
-                               interpolation=T.InterpolationMode.BILINEAR),
-           T.RandomHorizontalFlip(cfg.hflip)]
+    def rrc(scale):
+        return T.RandomResizedCrop(cfg.image_size, scale=scale, ratio=cfg.crop_ratio,
+                                   interpolation=T.InterpolationMode.BILINEAR)
+    crop = rrc(cfg.crop_scale)
+    if cfg.zoom_p > 0:
+        crop = T.RandomChoice([crop, rrc(cfg.zoom_crop_scale)], p=[1 - cfg.zoom_p, cfg.zoom_p])
+    ops = [crop, T.RandomHorizontalFlip(cfg.hflip)]
     if cfg.randaugment:
         # torchvision's magnitude is on 0..num_magnitude_bins-1; 11 bins makes m9 = 9/10 like timm
         ops.append(T.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m,
