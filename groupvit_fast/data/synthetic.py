@@ -100,6 +100,13 @@ class SyntheticConfig:
     #: A recipe option: it shows the model what the background alone is called, so the groups
     #: that own background have a caption of their own to match.
     empty_train_prob: float = 0.0
+    #: probability that a *train* scene is drawn as if seen at ``zoom_train_factor`` times the
+    #: size: objects that much larger, at most two of them, allowed further past the frame. Val
+    #: and test scenes never are. A recipe option for segmenting at a larger size than training
+    #: (objects then span more patches than any training scene showed); unlike zoomed crops, the
+    #: caption stays true, since no named object is cut out of the picture
+    zoom_train_prob: float = 0.0
+    zoom_train_factor: float = 1.5
     jpeg_quality: int = 95
     shard_size: int = 2000
 
@@ -117,6 +124,12 @@ class SyntheticConfig:
         if not 0.0 <= float(self.empty_train_prob) < 1.0:
             raise ValueError(f"SyntheticConfig.empty_train_prob must be in [0, 1), got "
                              f"{self.empty_train_prob}")
+        if not 0.0 <= float(self.zoom_train_prob) <= 1.0:
+            raise ValueError(f"SyntheticConfig.zoom_train_prob must be in [0, 1], got "
+                             f"{self.zoom_train_prob}")
+        if not 1.0 <= float(self.zoom_train_factor) <= 3.0:
+            raise ValueError(f"SyntheticConfig.zoom_train_factor must be in [1, 3], got "
+                             f"{self.zoom_train_factor}")
         if not (0 < self.min_size <= self.max_size <= 1):
             raise ValueError(f"need 0 < min_size <= max_size <= 1, got {self.min_size}, {self.max_size}")
 
@@ -132,6 +145,8 @@ class SyntheticConfig:
         d = dataclasses.asdict(self)
         if not d["empty_train_prob"]:
             del d["empty_train_prob"]  # added later: at 0 the earlier caches stay valid
+        if not d["zoom_train_prob"]:
+            del d["zoom_train_prob"], d["zoom_train_factor"]  # likewise
         d["_render_version"] = RENDER_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -274,16 +289,17 @@ def _texture(kind, pu, pv, period):
     raise KeyError(kind)
 
 
-def _object_layer(rng, name, size, cfg, yy, xx):
+def _object_layer(rng, name, size, cfg, yy, xx, zoom: float = 1.0):
     """One object at a random pose and colour: (inside mask [H,W] bool, rgb [n_inside, 3] float).
 
     Only the object's bounding box is evaluated (every outline lies within 1.5 r of its centre) and
     colours only for the covered pixels: ~3x faster than full-frame layers, same pixels.
     """
-    diam = rng.uniform(cfg.min_size, cfg.max_size) * size
+    diam = rng.uniform(cfg.min_size, cfg.max_size) * size * zoom
     r = diam / 2 * _CLASS_TABLE[name][2]
     # the outline may cross the frame border by up to 0.15 r: edge objects stay recognisable
-    lo, hi = 0.85 * r, size - 0.85 * r
+    # (a zoomed object wider than 1.7 r of the frame is centred within the frame's middle)
+    lo, hi = min(0.85 * r, size / 2), max(size - 0.85 * r, size / 2)
     cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
     th = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(th), np.sin(th)
@@ -382,6 +398,10 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "t
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     probs = np.asarray(cfg.object_count_probs, np.float64)
     n_obj = int(rng.choice(len(probs), p=probs / probs.sum())) + 1
+    zoom = 1.0
+    # drawn only with the option on and only for train, so other configs render the same scenes
+    if split == "train" and cfg.zoom_train_prob and rng.random() < cfg.zoom_train_prob:
+        zoom, n_obj = float(cfg.zoom_train_factor), min(n_obj, 2)
     n_cls = len(cfg.classes)
     for _attempt in range(30):
         names: List[str] = []
@@ -395,7 +415,7 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig, split: str = "t
         inst = np.zeros((size, size), np.int16)  # 0 = background, k+1 = object k (topmost wins)
         areas = []
         for k, name in enumerate(names):
-            inside, rgb = _object_layer(rng, name, size, cfg, yy, xx)
+            inside, rgb = _object_layer(rng, name, size, cfg, yy, xx, zoom)
             img[inside] = rgb
             inst[inside] = k + 1
             areas.append(int(inside.sum()))
