@@ -238,3 +238,32 @@ def test_empty_train_scenes_name_only_the_background(named):
                                                 bg_caption_prob=1.0).config_hash()
     with pytest.raises(ValueError, match="empty_train_prob"):
         SyntheticConfig(empty_train_prob=1.0)
+
+
+def test_zoomed_train_scenes_hold_larger_objects_and_leave_heldout_alone():
+    plain, zoomed = SyntheticConfig(), SyntheticConfig(zoom_train_prob=1.0, zoom_train_factor=1.5)
+    fg = {"plain": [], "zoomed": []}
+    for i in range(120):
+        for name, cfg in (("plain", plain), ("zoomed", zoomed)):
+            img, mask, cap = render_sample(cfg, "train", i)
+            # area of one object's class; 1-class scenes only, so occlusion does not count
+            if len(np.unique(mask[mask > 0])) == 1 and not re.search(r"\b(two|three|four)\b", cap):
+                fg[name].append((mask > 0).mean())
+            if name == "zoomed":
+                assert len(np.unique(mask[mask > 0])) <= 2, cap  # at most two objects
+                assert mask.any()
+    # 1.5x the diameter is ~2.25x the area, less what the frame cuts off
+    ratio = np.mean(fg["zoomed"]) / np.mean(fg["plain"])
+    assert 1.6 < ratio < 2.4, ratio
+    # val and test scenes are the same with or without the option
+    for split in ("val", "test"):
+        for i in range(30):
+            a, b = render_sample(zoomed, split, i), render_sample(plain, split, i)
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    # off by default; at 0 the cache key is what it was, whatever the factor
+    assert SyntheticConfig(zoom_train_factor=2.0).config_hash() == plain.config_hash()
+    assert zoomed.config_hash() != plain.config_hash()
+    with pytest.raises(ValueError, match="zoom_train_prob"):
+        SyntheticConfig(zoom_train_prob=1.5)
+    with pytest.raises(ValueError, match="zoom_train_factor"):
+        SyntheticConfig(zoom_train_factor=0.5)
