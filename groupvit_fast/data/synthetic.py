@@ -298,7 +298,7 @@ def _object_layer(rng, name, size, cfg, yy, xx, zoom: float = 1.0):
     diam = rng.uniform(cfg.min_size, cfg.max_size) * size * zoom
     r = diam / 2 * _CLASS_TABLE[name][2]
     # the outline may cross the frame border by up to 0.15 r: edge objects stay recognisable
-    # (a zoomed object wider than 1.7 r of the frame is centred within the frame's middle)
+    # (a zoomed object with 0.85 r past half the frame has no such room: it is centred)
     lo, hi = min(0.85 * r, size / 2), max(size - 0.85 * r, size / 2)
     cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
     th = rng.uniform(0, 2 * np.pi)
