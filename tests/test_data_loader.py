@@ -28,6 +28,15 @@ def syn(tmp_path_factory):
     return cfg, cache
 
 
+@pytest.fixture(scope="module")
+def raw_train(syn):
+    """Every train scene's decoded pixels, uint8 [N, H, W, 3], in shard order (decoded once)."""
+    from groupvit_fast.data.shards import iter_tar_samples
+    return np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+                     for p in ensure_shards(syn[0], syn[1], splits=("train",))["train"]
+                     for _, s in iter_tar_samples(p)])
+
+
 def _cfg(syn, backend, **kw):
     cfg, cache = syn
     base = dict(synthetic=cfg, cache_dir=cache, loader=backend, num_threads=1)
@@ -60,29 +69,22 @@ def test_contract_shapes_epoch_and_stats(syn, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_normalisation_matches_decoded_pixels(syn, backend):
+def test_normalisation_matches_decoded_pixels(syn, raw_train, backend):
     # no crop/flip/RA/erasing: the loader's output is exactly normalised pixels
     L = build_train_loader(_cfg(syn, backend, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0),
                            batch_size=256, seed=0)
     images, _ = next(iter(L))
-    from groupvit_fast.data.shards import iter_tar_samples
-    raw = np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
-                    for p in ensure_shards(syn[0], syn[1], splits=("train",))["train"]
-                    for _, s in iter_tar_samples(p)]).astype(np.float64) / 255
+    raw = raw_train.astype(np.float64) / 255
     want = (raw.mean((0, 1, 2)) - np.array(L.cfg.mean)) / np.array(L.cfg.std)
     got = images.double().mean((0, 2, 3)).numpy()
     np.testing.assert_allclose(got, want, atol=0.02)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zoom_p_zooms_that_share_of_samples(syn, backend):
+def test_zoom_p_zooms_that_share_of_samples(syn, raw_train, backend):
     # full-image crops pass every scene through unchanged; zoomed ones (a quarter of the area,
     # upscaled 2x) match no scene. The share of unmatched images is zoom_p, drawn per sample
-    from groupvit_fast.data.shards import iter_tar_samples
-    raw = torch.from_numpy(np.stack([
-        np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
-        for p in ensure_shards(syn[0], syn[1], splits=("train",))["train"]
-        for _, s in iter_tar_samples(p)])).float().div(255).permute(0, 3, 1, 2)  # [N, 3, 64, 64]
+    raw = torch.from_numpy(raw_train).float().div(255).permute(0, 3, 1, 2)  # [N, 3, 64, 64]
     shares = {}
     for zoom_p in (0.0, 0.5, 1.0):
         cfg = _cfg(syn, backend, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0,
