@@ -324,6 +324,11 @@ def main(argv=None) -> int:
     random_model = build_model(model.model_config)
     out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint)
                        else os.path.dirname(os.path.abspath(ckpt)))
+    sel = obj.get("selection") if isinstance(obj, dict) else None
+    if isinstance(sel, dict) and sel.get("best"):
+        b = sel["best"]
+        print(f"emergence: the weights of step {b['step']}, selected on val (mIoU "
+              f"{b['mIoU']:.2f}) among steps {[r['step'] for r in sel['history']]}", flush=True)
     if syn:
         print(f"emergence: held-out scenes from the run's generator options {syn}", flush=True)
     if geometry.get("img_scale"):

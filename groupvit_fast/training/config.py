@@ -88,6 +88,13 @@ class MonitorSection:
     eval_max_images: Optional[int] = None
     # keyword arguments for groupvit_fast.seg.ZeroShotSegmenter (crop, stride, img_scale, ...)
     eval_options: Dict[str, Any] = field(default_factory=dict)
+    # Model selection on the validation split (0: off, the last step's weights are exported).
+    # At the end of each of the last N epochs, segment eval_dataset's *val* split with the
+    # background threshold chosen there (select_bg_thresh, as the protocol does) and keep the
+    # weights with the best mIoU; the export and the final eval use them. The test split is
+    # never read. The selection travels in the checkpoints, so a resumed run selects the same.
+    select_last_epochs: int = 0
+    select_max_images: Optional[int] = None  # val images per selection pass (None: all)
 
 
 @dataclass
@@ -306,6 +313,15 @@ def validate(cfg: TrainConfig) -> None:
         errs.append("checkpoint.save_every_steps must be >= 0 (0 = only at the end)")
     if cfg.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    m = cfg.monitor
+    if not 0 <= m.select_last_epochs <= t.epochs:
+        errs.append(f"monitor.select_last_epochs must be in [0, epochs={t.epochs}], got "
+                    f"{m.select_last_epochs}")
+    if m.select_last_epochs and not m.eval_dataset:
+        errs.append("monitor.select_last_epochs needs monitor.eval_dataset (whose val split "
+                    "the weights are selected on)")
+    if m.select_max_images is not None and m.select_max_images < 1:
+        errs.append(f"monitor.select_max_images must be >= 1 or null, got {m.select_max_images}")
     if cfg.data.img_size != cfg.model.img.img_size:
         errs.append(f"data.img_size ({cfg.data.img_size}) != model.img.img_size "
                     f"({cfg.model.img.img_size}): training crops must match the pos-embed grid")

@@ -186,6 +186,26 @@ def run_seg_eval(model, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Opti
                             limit=cfg.monitor.eval_max_images, progress=False)
 
 
+def run_val_selection(model, cfg: TrainConfig) -> dict:
+    """Zero-shot mIoU of ``monitor.eval_dataset``'s val split at the background threshold that
+    is best there (the protocol's own threshold search), for model selection. Collective when
+    distributed: ``select_bg_thresh`` shards the images and all-reduces the histograms, so every
+    rank gets the same numbers. Returns {'mIoU', 'bg_thresh', 'images'}."""
+    from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
+    from groupvit_fast.seg.emergence import trained_synthetic_options
+    from groupvit_fast.seg.evaluate import select_bg_thresh
+    name = cfg.monitor.eval_dataset
+    syn = trained_synthetic_options(cfg.to_dict()) if name == "synthetic" else None
+    ds = build_dataset(name, split="val", **({"cfg": syn} if syn else {}))
+    opts = {k: v for k, v in dict(cfg.monitor.eval_options).items() if k != "bg_thresh"}
+    seg = ZeroShotSegmenter(model, ds.class_names, **opts)
+    sel = select_bg_thresh(seg, ds, limit=cfg.monitor.select_max_images)
+    n = len(ds) if cfg.monitor.select_max_images is None else min(len(ds),
+                                                                   cfg.monitor.select_max_images)
+    return {"mIoU": sel["mIoU_by_thresh"][sel["bg_thresh"]], "bg_thresh": sel["bg_thresh"],
+            "images": n}
+
+
 def _ds_initialize(model, optimizer, ds_conf):
     """deepspeed.initialize, working around DeepSpeed 0.19.8 broadcasting every parameter as
     ``p.data.view(torch.uint8)`` (engine._broadcast_model for ZeRO 0-2, zero.Init for ZeRO-3),
@@ -232,6 +252,7 @@ class TrainResult:
     peak_memory_mib: float  # this rank (RSS on CPU, allocated on GPU)
     losses: list  # global mean loss of every optimizer step run in this process
     eval: Optional[dict] = None
+    selected: Optional[dict] = None  # monitor.select_last_epochs: the chosen step and its val score
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
@@ -293,6 +314,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
     if not os.path.isabs(out_dir):
         out_dir = os.path.abspath(out_dir)
     step, epoch, micro_in_epoch = 0, 0, 0
+    # model selection on val (monitor.select_last_epochs): every pass's score, the best one, and
+    # on rank 0 its weights; all of it is part of each checkpoint's trainer state
+    selection = {"history": [], "best": None}
+    selected_sd = None
+    select_window = cfg.monitor.select_last_epochs
     if resume:
         got = ckpt.load(engine, out_dir)
         if got is None:
@@ -310,6 +336,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             loader = new_epoch(loader, epoch)
             loader.load_state_dict(tstate["loader"])
             ckpt.set_rng_state(tstate["rng"])
+            if "selection" in tstate:
+                selection = tstate["selection"]
+                selected_sd = tstate.get("selected_weights")  # rank 0 holds them
             say(f"[train] resumed from {os.path.join(out_dir, tag)} at step {step} (epoch {epoch})")
 
     say(f"[train] {cfg.name}: {n_params / 1e6:.2f}M params, {plan.describe()}, ZeRO-{stage}, "
@@ -348,8 +377,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                 "global_batch": plan.global_batch, "config": cfg.to_dict()}
 
     def trainer_state():
-        return {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-                "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+        st = {"step": step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
+              "loader": loader.state_dict(), "rng": ckpt.rng_state()}
+        if select_window:
+            st["selection"] = selection
+            if is_main:
+                st["selected_weights"] = selected_sd
+        return st
 
     def save():
         nonlocal last_ckpt
@@ -357,13 +391,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                               keep_last=cfg.checkpoint.keep_last)
         mon.write(f"[train] checkpoint {last_ckpt}")
 
-    def evaluate():
-        """Every rank evaluates a copy of the full model on its share of the images (ZeRO-3
-        parameters are gathered first); the RNG streams are restored afterwards so evaluating
-        never changes the training trajectory."""
+    def evaluate(sd=None):
+        """Every rank evaluates a copy of the full model (``sd``, else the current weights, ZeRO-3
+        parameters gathered first) on its share of the images; the RNG streams are restored
+        afterwards so evaluating never changes the training trajectory."""
         if not cfg.monitor.eval_dataset:
             return None
-        sd = _full_state_dict(engine.module)
+        if sd is None:
+            sd = _full_state_dict(engine.module)
         rng = ckpt.rng_state()
         res, err = None, None
         try:
@@ -386,6 +421,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                 mon.scalar("eval/mIoU", res["mIoU"], step)
         dist.barrier()
         return res
+
+    def select():
+        """Score the current weights on the val split; keep them if they beat the best so far
+        (ties keep the earlier). RNG streams are restored, so selecting never changes the
+        training trajectory."""
+        nonlocal selected_sd
+        sd = _full_state_dict(engine.module)
+        rng = ckpt.rng_state()
+        try:
+            m = build_model(cfg.model)
+            m.load_state_dict(official_shapes(sd, m.state_dict()))
+            m.to(device).eval()
+            res = run_val_selection(m, cfg)
+        finally:
+            ckpt.set_rng_state(rng)
+        rec = {"step": step, "epoch": epoch, **res}
+        selection["history"].append(rec)
+        best = selection["best"]
+        if best is None or rec["mIoU"] > best["mIoU"]:
+            selection["best"] = rec
+            selected_sd = sd if is_main else None
+        mon.write(f"[train] step {step}: val mIoU {rec['mIoU']:.2f} at background threshold "
+                  f"{rec['bg_thresh']} ({rec['images']} {cfg.monitor.eval_dataset} val images); "
+                  f"selected so far: step {selection['best']['step']} "
+                  f"({selection['best']['mIoU']:.2f})")
+        mon.scalar("select/val_mIoU", rec["mIoU"], step)
 
     opt_groups = optimizer.param_groups
     ramp_steps = (max(1, round(t.assign_ramp_epochs * steps_per_epoch))
@@ -480,6 +541,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                     scalars[f"assign_scale_factor/{i}"] = f
             losses_hist.append(acc[0])
             mon.step(step, scalars)
+            if (select_window and step % steps_per_epoch == 0
+                    and step // steps_per_epoch > t.epochs - select_window):
+                select()  # before the save, so the checkpoint of this step holds its result
             every = cfg.checkpoint.save_every_steps
             if every and step % every == 0 and step < stop_at:
                 save()
@@ -493,20 +557,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             engine.module.img_encoder.assign_scale_factor = [1.0] * len(t.assign_ramp_start)
         if saved_at != step:
             save()
+        # the checkpoint keeps the last step (for --resume); the export is the selected weights
+        chosen = selection["best"] if select_window else None
+        if chosen is not None:
+            say(f"[train] selected the weights of step {chosen['step']} (epoch {chosen['epoch']}): "
+                f"val mIoU {chosen['mIoU']:.2f}, best of "
+                + ", ".join(f"{r['mIoU']:.1f}" for r in selection["history"]))
         export_path = None
         if cfg.checkpoint.export_at_end and is_main:
-            sd = ckpt.consolidated_state_dict(out_dir, ckpt.tag_for(step), stage)
-            export_path = os.path.join(out_dir, "export", f"{cfg.name}_{ckpt.tag_for(step)}.pth")
+            if chosen is not None:
+                sd, exp_step, exp_epoch = selected_sd, chosen["step"], chosen["epoch"]
+                extra = {"selection": selection, "trained_steps": step}
+            else:
+                sd = ckpt.consolidated_state_dict(out_dir, ckpt.tag_for(step), stage)
+                exp_step, exp_epoch, extra = step, epoch, {}
+            export_path = os.path.join(out_dir, "export",
+                                       f"{cfg.name}_{ckpt.tag_for(exp_step)}.pth")
             ckpt.export_official(cfg.model, sd, export_path,
-                                 extra={"config": cfg.to_dict(), "epoch": epoch, "step": step})
+                                 extra={"config": cfg.to_dict(), "epoch": exp_epoch,
+                                        "step": exp_step, **extra})
         dist.barrier()
         if cfg.monitor.eval_dataset:
-            eval_res = evaluate()
+            final_sd = None
+            if chosen is not None:
+                box = [selected_sd]  # only rank 0 holds the selected weights
+                if world > 1:
+                    dist.broadcast_object_list(box, src=0)
+                final_sd = box[0]
+            eval_res = evaluate(final_sd)
     finally:
         mon.close()
     if is_main and eval_res is not None:
         ckpt.atomic_write_text(os.path.join(out_dir, "eval.json"),
-                               json.dumps({"step": step, "dataset": cfg.monitor.eval_dataset,
+                               json.dumps({"step": chosen["step"] if chosen else step,
+                                           "dataset": cfg.monitor.eval_dataset,
                                            **eval_res}, indent=1, default=str))
     mem = peak_memory_mib(device)
     mean_dt = float(np.mean(step_times)) if step_times else float("nan")
@@ -514,7 +598,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                          checkpoint=last_ckpt, export=export_path, tensorboard=tb_dir,
                          step_time_s=mean_dt,
                          images_per_s=plan.global_batch / mean_dt if step_times else images_per_s,
-                         peak_memory_mib=mem, losses=losses_hist, eval=eval_res)
+                         peak_memory_mib=mem, losses=losses_hist, eval=eval_res,
+                         selected=chosen)
     mems = torch.tensor([mem], dtype=torch.float64)
     gathered = [torch.zeros_like(mems) for _ in range(world)]
     dist.all_gather(gathered, mems)
@@ -527,7 +612,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                    "grad_accum": plan.grad_accum, "zero_stage": stage, "precision": precision,
                    "device": device.type, "torch_threads": torch.get_num_threads(),
                    "checkpoint": last_ckpt, "export": export_path, "tensorboard": tb_dir,
-                   "mIoU": (eval_res or {}).get("mIoU")}
+                   "mIoU": (eval_res or {}).get("mIoU"), "selected": chosen}
         ckpt.atomic_write_text(os.path.join(out_dir, "summary.json"),
                                json.dumps(summary, indent=1))
     say(f"[train] done: {step} steps, final loss {result.final_loss:.4f}, "
