@@ -29,6 +29,24 @@ def test_parse_values_and_overrides():
         "train": {"base_lr": 1e-3}, "model": {"img": {"depths": [2, 2, 1]}}}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["train.base_lr"])
+    # YAML flow syntax, as the config files write it (unquoted keys are neither JSON nor Python)
+    assert parse_value("{n_train: 256, n_val: 40}") == {"n_train": 256, "n_val": 40}
+    assert parse_value("[a, 2]") == ["a", 2]
+    assert parse_value("yes") == "yes"  # a bare word stays a word, never a YAML 1.1 boolean
+    with pytest.raises(ValueError, match="starts like a list or mapping but does not parse"):
+        parse_value("{a: [1, 2}")
+
+
+def test_synthetic_options_that_are_not_a_mapping_are_refused_by_name():
+    from groupvit_fast.data import DataConfig
+    from groupvit_fast.training.data import make_data_config
+    cfg = build_config("default", ["data.options.synthetic={n_train: 256}"])
+    assert make_data_config(cfg).synthetic.n_train == 256
+    with pytest.raises(TypeError, match=r"synthetic must be a mapping of SyntheticConfig fields "
+                                        r".*got str 'n_train'"):
+        make_data_config(build_config("default", ["data.options.synthetic=n_train"]))
+    with pytest.raises(ValueError, match=r"field\(s\) \['n_trian'\] that SyntheticConfig"):
+        DataConfig(synthetic={"n_trian": 3})
 
 
 def test_release_recipes_match_reference():

@@ -1,10 +1,28 @@
 """Data configuration.  Defaults are the released GroupViT recipe (ref §6.2-§6.4)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 from .synthetic import SyntheticConfig
+
+
+def _synthetic_config(value) -> SyntheticConfig:
+    """A SyntheticConfig from itself or a mapping of its fields; anything else is refused by
+    name (a command-line value that did not parse arrives as a string)."""
+    if isinstance(value, SyntheticConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"DataConfig.synthetic must be a mapping of SyntheticConfig fields "
+                        f"(e.g. data.options.synthetic.n_train=256), got "
+                        f"{type(value).__name__} {value!r}")
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ValueError(f"DataConfig.synthetic has field(s) {unknown} that SyntheticConfig "
+                         f"does not know; valid: {sorted(fields)}")
+    return SyntheticConfig(**value)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,8 +85,7 @@ class DataConfig:
             raise ValueError(f"DataConfig.loader must be 'auto', 'dali' or 'torch', got {self.loader!r}")
         if self.dali_device not in ("auto", "cpu", "mixed"):
             raise ValueError(f"DataConfig.dali_device must be 'auto', 'cpu' or 'mixed', got {self.dali_device!r}")
-        if isinstance(self.synthetic, dict):
-            self.synthetic = SyntheticConfig(**self.synthetic)
+        self.synthetic = _synthetic_config(self.synthetic)
         self.crop_scale = tuple(self.crop_scale)
         self.crop_ratio = tuple(self.crop_ratio)
         self.zoom_crop_scale = tuple(self.zoom_crop_scale)
@@ -91,9 +108,7 @@ class DataConfig:
         """Suggested settings for the embedded 64x64 scenes: the official crop (scale down to 0.08)
         would often cut every named object out of a small scene, so crops stay large; RandAugment
         and erasing are off (they would also hide or distort the few objects)."""
-        syn = overrides.pop("synthetic", None) or SyntheticConfig()
-        if isinstance(syn, dict):
-            syn = SyntheticConfig(**syn)
+        syn = _synthetic_config(overrides.pop("synthetic", None) or SyntheticConfig())
         kw = dict(synthetic=syn, image_size=syn.image_size, crop_scale=(0.7, 1.0),
                   randaugment=False, erasing_p=0.0)
         kw.update(overrides)

@@ -249,6 +249,15 @@ def parse_value(text: str):
             return parse(t)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             pass
+    if t[:1] in ("{", "["):
+        import yaml
+        # YAML flow syntax, as in the config files: {n_train: 256, n_val: 40}. Only for
+        # brackets, so a bare word never turns into a YAML 1.1 boolean or number
+        try:
+            return yaml.safe_load(t)
+        except yaml.YAMLError as e:
+            raise ValueError(f"value {t!r} starts like a list or mapping but does not parse: "
+                             f"{str(e).splitlines()[0]}") from None
     return t
 
 
