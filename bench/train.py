@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(config, ranks, steps, overrides, out_dir):
     args = ["train/main.py", "--config", config, "--set", f"checkpoint.output_dir={out_dir}",
-            f"train.max_steps={steps}", "monitor.eval_dataset=None", "monitor.progress=false",
+            f"train.max_steps={steps}", "monitor.eval_dataset=None", "monitor.select_last_epochs=0",
+            "monitor.progress=false",
             "checkpoint.save_every_steps=0", "checkpoint.export_at_end=false", *overrides]
     cmd = ([sys.executable] + args if ranks == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone",

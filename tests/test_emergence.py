@@ -112,6 +112,7 @@ def test_default_recipe_learns_and_beats_random_init(tmp_path, monkeypatch):
     run = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "train", "main.py"), "--set",
            f"checkpoint.output_dir={run}", "train.epochs=6", "monitor.eval_dataset=None",
+           "monitor.select_last_epochs=0",
            "monitor.progress=false", "checkpoint.save_every_steps=100000"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

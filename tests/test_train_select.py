@@ -105,9 +105,11 @@ def test_resumed_run_selects_the_same(runs):
 
 def test_selection_config_errors_name_the_field():
     from groupvit_fast.training.config import build_config
-    with pytest.raises(ValueError, match=r"monitor.select_last_epochs must be in \[0, epochs=20\]"):
-        build_config("default", ["monitor.select_last_epochs=21"])
-    with pytest.raises(ValueError, match="select_last_epochs needs monitor.eval_dataset"):
+    with pytest.raises(ValueError, match=r"monitor.select_last_epochs must be >= 0"):
+        build_config("default", ["monitor.select_last_epochs=-1"])
+    with pytest.raises(ValueError, match="select_last_epochs=2 needs monitor.eval_dataset .*set "
+                                         "monitor.select_last_epochs=0"):
         build_config("default", ["monitor.select_last_epochs=2", "monitor.eval_dataset=None"])
+    assert build_config("default", []).monitor.select_last_epochs == 8  # the recipe's window
     with pytest.raises(ValueError, match="select_max_images must be >= 1"):
         build_config("default", ["monitor.select_max_images=0"])

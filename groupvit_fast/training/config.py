@@ -93,6 +93,7 @@ class MonitorSection:
     # background threshold chosen there (select_bg_thresh, as the protocol does) and keep the
     # weights with the best mIoU; the export and the final eval use them. The test split is
     # never read. The selection travels in the checkpoints, so a resumed run selects the same.
+    # A window longer than the run covers every epoch.
     select_last_epochs: int = 0
     select_max_images: Optional[int] = None  # val images per selection pass (None: all)
 
@@ -323,12 +324,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint.keep_last < 1:
         errs.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     m = cfg.monitor
-    if not 0 <= m.select_last_epochs <= t.epochs:
-        errs.append(f"monitor.select_last_epochs must be in [0, epochs={t.epochs}], got "
+    if m.select_last_epochs < 0:
+        errs.append(f"monitor.select_last_epochs must be >= 0 (0 = off), got "
                     f"{m.select_last_epochs}")
     if m.select_last_epochs and not m.eval_dataset:
-        errs.append("monitor.select_last_epochs needs monitor.eval_dataset (whose val split "
-                    "the weights are selected on)")
+        errs.append(f"monitor.select_last_epochs={m.select_last_epochs} needs "
+                    f"monitor.eval_dataset (whose val split the weights are selected on); set "
+                    f"monitor.select_last_epochs=0 to export the last step's weights instead")
     if m.select_max_images is not None and m.select_max_images < 1:
         errs.append(f"monitor.select_max_images must be >= 1 or null, got {m.select_max_images}")
     if cfg.data.img_size != cfg.model.img.img_size:
