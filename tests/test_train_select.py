@@ -55,7 +55,9 @@ def runs(tmp_path_factory):
     out_full = _train(full, cache)
     _train(part, cache, "train.max_steps=10")  # stops inside the window, after the step-8 pass
     out_res = _train(part, cache, resume=True)
-    return dict(full=full, part=part, cache=cache, out_full=out_full, out_res=out_res)
+    off = tmp / "off"
+    _train(off, cache, "monitor.select_last_epochs=0")
+    return dict(full=full, part=part, off=off, cache=cache, out_full=out_full, out_res=out_res)
 
 
 def _export(run):
@@ -113,3 +115,14 @@ def test_selection_config_errors_name_the_field():
     assert build_config("default", []).monitor.select_last_epochs == 8  # the recipe's window
     with pytest.raises(ValueError, match="select_max_images must be >= 1"):
         build_config("default", ["monitor.select_max_images=0"])
+
+
+def test_selecting_leaves_the_training_trajectory_alone(runs):
+    # the selection passes restore every RNG stream: the run trains exactly as one without them
+    from groupvit_fast.training import checkpoint as ckpt
+    a = ckpt.consolidated_state_dict(str(runs["full"]), ckpt.tag_for(12), 2)
+    b = ckpt.consolidated_state_dict(str(runs["off"]), ckpt.tag_for(12), 2)
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    # without selection the export is the last step's
+    assert _export(runs["off"])["step"] == 12 and "selection" not in _export(runs["off"])

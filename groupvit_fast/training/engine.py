@@ -436,7 +436,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
             res = run_val_selection(m, cfg)
         finally:
             ckpt.set_rng_state(rng)
-        rec = {"step": step, "epoch": epoch, **res}
+        rec = {"step": step, "epoch": epoch, **res}  # epoch: 0-based, as in the export
         selection["history"].append(rec)
         best = selection["best"]
         if best is None or rec["mIoU"] > best["mIoU"]:
@@ -560,8 +560,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
         # the checkpoint keeps the last step (for --resume); the export is the selected weights
         chosen = selection["best"] if select_window else None
         if chosen is not None:
-            say(f"[train] selected the weights of step {chosen['step']} (epoch {chosen['epoch']}): "
-                f"val mIoU {chosen['mIoU']:.2f}, best of "
+            say(f"[train] selected the weights of step {chosen['step']} (end of epoch "
+                f"{chosen['epoch'] + 1} of {t.epochs}): val mIoU {chosen['mIoU']:.2f}, best of "
                 + ", ".join(f"{r['mIoU']:.1f}" for r in selection["history"]))
         export_path = None
         if cfg.checkpoint.export_at_end and is_main:
