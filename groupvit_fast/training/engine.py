@@ -165,19 +165,25 @@ def _full_state_dict(module) -> dict:
                     else v.detach().cpu().clone()) for k, v in module.state_dict().items()}
 
 
+def _eval_dataset(cfg: TrainConfig, **kw):
+    """``monitor.eval_dataset``; the embedded set's held-out scenes come from the generator the
+    run trains on, read as emergence reads the export."""
+    from groupvit_fast.seg import build_dataset
+    from groupvit_fast.seg.emergence import trained_synthetic_options
+    name = cfg.monitor.eval_dataset
+    syn = trained_synthetic_options(cfg.to_dict()) if name == "synthetic" else None
+    return build_dataset(name, **kw, **({"cfg": syn} if syn else {}))
+
+
 def run_seg_eval(model, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Optional[dict]:
     """Zero-shot segmentation mIoU of ``monitor.eval_dataset`` (val split) with groupvit_fast.seg.
     Collective when distributed: every rank segments its share of the images and the
     intersect/union histograms are all-reduced inside ``evaluate_dataset``."""
-    name = cfg.monitor.eval_dataset
-    if not name:
+    if not cfg.monitor.eval_dataset:
         return None
-    from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
-    from groupvit_fast.seg.emergence import trained_synthetic_options
+    from groupvit_fast.seg import ZeroShotSegmenter
     from groupvit_fast.seg.evaluate import evaluate_dataset
-    # held-out scenes from the generator the run trains on, read as emergence reads the export
-    syn = trained_synthetic_options(cfg.to_dict()) if name == "synthetic" else None
-    ds = build_dataset(name, **({"cfg": syn} if syn else {}))
+    ds = _eval_dataset(cfg)
     opts = dict(cfg.monitor.eval_options)
     if getattr(ds, "bg_thresh", None) is not None:
         opts.setdefault("bg_thresh", ds.bg_thresh)
@@ -191,12 +197,9 @@ def run_val_selection(model, cfg: TrainConfig) -> dict:
     is best there (the protocol's own threshold search), for model selection. Collective when
     distributed: ``select_bg_thresh`` shards the images and all-reduces the histograms, so every
     rank gets the same numbers. Returns {'mIoU', 'bg_thresh', 'images'}."""
-    from groupvit_fast.seg import ZeroShotSegmenter, build_dataset
-    from groupvit_fast.seg.emergence import trained_synthetic_options
+    from groupvit_fast.seg import ZeroShotSegmenter
     from groupvit_fast.seg.evaluate import select_bg_thresh
-    name = cfg.monitor.eval_dataset
-    syn = trained_synthetic_options(cfg.to_dict()) if name == "synthetic" else None
-    ds = build_dataset(name, split="val", **({"cfg": syn} if syn else {}))
+    ds = _eval_dataset(cfg, split="val")
     opts = {k: v for k, v in dict(cfg.monitor.eval_options).items() if k != "bg_thresh"}
     seg = ZeroShotSegmenter(model, ds.class_names, **opts)
     sel = select_bg_thresh(seg, ds, limit=cfg.monitor.select_max_images)
