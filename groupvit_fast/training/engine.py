@@ -394,25 +394,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
                               keep_last=cfg.checkpoint.keep_last)
         mon.write(f"[train] checkpoint {last_ckpt}")
 
+    @contextlib.contextmanager
+    def eval_copy(sd):
+        """A fresh eval-mode model holding the full state_dict ``sd``; the RNG streams are
+        restored on exit, so evaluating a copy never changes the training trajectory."""
+        rng = ckpt.rng_state()
+        try:
+            m = build_model(cfg.model)
+            m.load_state_dict(official_shapes(sd, m.state_dict()))
+            yield m.to(device).eval()
+        finally:
+            ckpt.set_rng_state(rng)
+
     def evaluate(sd=None):
         """Every rank evaluates a copy of the full model (``sd``, else the current weights, ZeRO-3
-        parameters gathered first) on its share of the images; the RNG streams are restored
-        afterwards so evaluating never changes the training trajectory."""
+        parameters gathered first) on its share of the images."""
         if not cfg.monitor.eval_dataset:
             return None
         if sd is None:
             sd = _full_state_dict(engine.module)
-        rng = ckpt.rng_state()
         res, err = None, None
         try:
-            m = build_model(cfg.model)
-            m.load_state_dict(official_shapes(sd, m.state_dict()))
-            m.to(device).eval()
-            res = run_seg_eval(m, cfg, rank, world)
+            with eval_copy(sd) as m:
+                res = run_seg_eval(m, cfg, rank, world)
         except Exception as e:  # the hook must not kill a long run
             err = f"{type(e).__name__}: {e}"
-        finally:
-            ckpt.set_rng_state(rng)
         if err:
             # a failure before the collective inside evaluate_dataset happens on every rank alike
             mon.write(f"[train] step {step}: segmentation eval skipped: {err}")
@@ -427,18 +433,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> TrainResult:
 
     def select():
         """Score the current weights on the val split; keep them if they beat the best so far
-        (ties keep the earlier). RNG streams are restored, so selecting never changes the
-        training trajectory."""
+        (ties keep the earlier)."""
         nonlocal selected_sd
         sd = _full_state_dict(engine.module)
-        rng = ckpt.rng_state()
-        try:
-            m = build_model(cfg.model)
-            m.load_state_dict(official_shapes(sd, m.state_dict()))
-            m.to(device).eval()
+        with eval_copy(sd) as m:
             res = run_val_selection(m, cfg)
-        finally:
-            ckpt.set_rng_state(rng)
         rec = {"step": step, "epoch": epoch, **res}  # epoch: 0-based, as in the export
         selection["history"].append(rec)
         best = selection["best"]
