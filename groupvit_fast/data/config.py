@@ -24,6 +24,7 @@ def _synthetic_config(value) -> SyntheticConfig:
                          f"does not know; valid: {sorted(fields)}")
     return SyntheticConfig(**value)
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
